@@ -1,0 +1,80 @@
+"""The one async protocol every backend (native, vllm) implements, so the server never knows which runs.
+
+The server calls `generate()` once per request and iterates deltas; breaking out of the iteration (client
+disconnect) or calling `abort()` must free the request's cache at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str  # decoded text of this token alone (may be a partial UTF-8 sequence rendered with U+FFFD)
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, token, logprob), best first
+
+
+@dataclass
+class CompletionDelta:
+    """What one request produced since the last delta, for one of its `n` completions."""
+
+    request_id: str
+    index: int  # which of the n completions (0..n-1)
+    text: str  # new text, safe to show: whole UTF-8 characters, no part of a pending stop string
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when finished
+    stop_reason: int | str | None = None  # the stop string or token id that ended it, if any
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # cumulative for this completion
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # only on the first delta, when asked for
+
+
+@dataclass
+class ModelInfo:
+    name: str  # served model name
+    path: str
+    max_model_len: int
+    vocab_size: int
+    backend: str  # "native" | "vllm"
+    device: str
+    dtype: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    cache_usage: float  # fraction of KV cache in use, 0..1
+    free_slots: int
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase (chat template, encode/decode)
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to drain_timeout seconds, then abort the rest."""
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[CompletionDelta]:
+        """Raises PromptTooLongError / QueueFullError / InvalidRequestError before yielding anything."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised last hidden states, one vector per prompt."""
+
+    def stats(self) -> EngineStats: ...

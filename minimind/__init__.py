@@ -1,0 +1,1 @@
+"""The `minimind` command line: one entry point, subcommands imported only when used."""

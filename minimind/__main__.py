@@ -1,0 +1,3 @@
+from minimind.cli import main
+
+raise SystemExit(main())

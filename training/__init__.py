@@ -1,0 +1,1 @@
+"""Training: one trainer loop, stages = dataset + loss."""

@@ -1,0 +1,1 @@
+"""Web UIs: the Streamlit chat page and the Gradio VLM demo."""
