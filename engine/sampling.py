@@ -1,0 +1,289 @@
+"""Batched sampling as pure tensor functions: penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+
+Every per-request control is a [B] tensor in `SamplingTensors`, so one code path serves 1 or 256 requests
+and can be captured in a CUDA graph: `sample()` never reads a tensor back to the host. The Python-level
+flags (`do_top_k`, ...) only skip work that no row needs; a caller capturing a graph builds the tensors
+with `all_features=True` so the captured graph is valid for any later batch.
+
+Randomness without host syncs or per-request generators: row b at decode step t draws its noise from a
+counter-based hash of (seed_b, t, token id), and samples `argmax(probs / Exponential(1))` (as gpt-fast
+does; this is the exponential-race form of sampling from `probs`). A request's samples therefore depend
+only on its own seed and step, never on its batch neighbours or on when it joined the batch. Requests
+without a seed get a random one drawn on the host when their tensors are built.
+
+Semantics follow vLLM:
+- temperature 0 is greedy: argmax of the penalised logits, no randomness.
+- top_k 0 is off; top_p keeps the smallest set of most likely tokens whose mass reaches p (after top-k);
+  min_p drops tokens whose probability is below min_p times the most likely token's.
+- repetition_penalty (HF/MiniMind): for tokens seen in prompt or output, logit > 0 is divided by it,
+  logit <= 0 multiplied. presence/frequency penalties (OpenAI) count OUTPUT tokens only:
+  logit -= frequency * count + presence * (count > 0).
+- min_tokens: EOS and stop_token_ids are masked until the request has generated that many tokens.
+- logprobs are those of the raw model distribution (log_softmax of the logits before penalties,
+  temperature and truncation), vLLM's default, so they do not change with the sampling settings.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_HASH_MULT = 0x45D9F3B  # small enough that (x < 2**32) * mult never overflows int64
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling controls, each a [B] tensor on the logits' device (see `from_params`)."""
+
+    temperature: torch.Tensor  # float32; 1.0 on greedy rows (they never divide by it)
+    greedy: torch.Tensor  # bool
+    top_k: torch.Tensor  # int64; vocab_size when off
+    top_p: torch.Tensor  # float32; 1.0 when off
+    min_p: torch.Tensor  # float32; 0.0 when off
+    repetition_penalty: torch.Tensor  # float32
+    presence_penalty: torch.Tensor  # float32
+    frequency_penalty: torch.Tensor  # float32
+    min_tokens: torch.Tensor  # int64
+    stop_ids: torch.Tensor  # int64 [B, S]: EOS + stop_token_ids masked under min_tokens, padded with vocab_size
+    seeds: torch.Tensor  # int64 in [0, 2**63)
+    # Python flags: skip work no row needs. Never read from tensors, so they cost no host sync.
+    do_penalties: bool = True
+    do_top_k: bool = True
+    do_top_p: bool = True
+    do_min_p: bool = True
+    do_min_tokens: bool = True
+    all_greedy: bool = False
+    num_logprobs: int | None = None  # top-N logprobs to return (max over rows); None: no logprobs at all
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+    @classmethod
+    def from_params(
+        cls,
+        params: list[SamplingParams],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        *,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        sample_indices: list[int] | None = None,
+        all_features: bool = False,
+    ) -> SamplingTensors:
+        """One row per sequence. `sample_indices[i]` is which of its request's `n` completions row i is:
+        rows of one seeded request get distinct seeds (index 0 keeps the request's seed itself), so n > 1
+        gives n different samples that are still reproducible. `all_features` keeps every stage on
+        (for CUDA graph capture)."""
+        indices = sample_indices if sample_indices is not None else [0] * len(params)
+        if len(indices) != len(params):
+            raise ValueError(f"sample_indices has {len(indices)} entries for {len(params)} params")
+
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        stop_lists = [
+            sorted(set(eos_token_ids) | set(p.stop_token_ids)) if not p.ignore_eos else sorted(set(p.stop_token_ids))
+            for p in params
+        ]
+        width = max([len(s) for s in stop_lists] + [1])
+        stop_ids = [s + [vocab_size] * (width - len(s)) for s in stop_lists]
+        num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        return cls(
+            temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32),
+            greedy=col([p.temperature == 0 for p in params], torch.bool),
+            top_k=col([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], torch.int64),
+            top_p=col([p.top_p for p in params], torch.float32),
+            min_p=col([p.min_p for p in params], torch.float32),
+            repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
+            presence_penalty=col([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
+            min_tokens=col([p.min_tokens for p in params], torch.int64),
+            stop_ids=col(stop_ids, torch.int64),
+            seeds=col([row_seed(p.seed, i) for p, i in zip(params, indices)], torch.int64),
+            do_penalties=all_features
+            or any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
+            do_top_k=all_features or any(0 < p.top_k < vocab_size for p in params),
+            do_top_p=all_features or any(p.top_p < 1 for p in params),
+            do_min_p=all_features or any(p.min_p > 0 for p in params),
+            do_min_tokens=all_features or any(p.min_tokens > 0 for p in params),
+            all_greedy=not all_features and all(p.temperature == 0 for p in params),
+            num_logprobs=num_logprobs,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor | None = None  # float32 [B]: raw-model logprob of the chosen token
+    top_token_ids: torch.Tensor | None = None  # int64 [B, N], best first (N = SamplingTensors.num_logprobs)
+    top_logprobs: torch.Tensor | None = None  # float32 [B, N]
+
+
+def row_seed(seed: int | None, index: int = 0) -> int:
+    """The seed of completion `index` of a request: its own seed for index 0, a fixed mix for the others,
+    a fresh random one when the request has none (so unseeded requests still sample randomly)."""
+    if seed is None:
+        return random.getrandbits(63)
+    seed %= 1 << 63
+    if index == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32); elementwise,
+    so it runs the same on CPU, GPU and in a CUDA graph. (torch has no counter-based RNG that takes a
+    per-row key, hence this small hand-written one.)"""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MULT) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MULT) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, width: int, salt: int = 0) -> torch.Tensor:
+    """Uniform noise in (0, 1), shape [B, width], a pure function of (seed_b, step_b, column, salt).
+
+    `salt` separates independent draws at the same step (speculative decoding uses several)."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    key = _hash32(_hash32(_hash32(lo) ^ hi) ^ ((steps.to(torch.int64) + salt * 0x3C6EF372) & _MASK32))
+    cols = _hash32(torch.arange(width, device=seeds.device, dtype=torch.int64) + 0x27D4EB2F)
+    bits = _hash32(cols.unsqueeze(0) ^ key.unsqueeze(1))
+    return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, V] int32 histogram of each row's tokens (for the penalties); rows may differ in length."""
+    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.int32, device=device)
+    width = max([len(ids) for ids in token_ids] + [1])
+    padded = torch.tensor([ids + [vocab_size] * (width - len(ids)) for ids in token_ids], device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
+    return counts[:, :vocab_size].contiguous()
+
+
+def record_tokens(counts: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """Add one sampled token per row ([B]) to the output histogram in place (host-sync free)."""
+    counts.scatter_add_(1, token_ids.view(-1, 1), torch.ones_like(token_ids.view(-1, 1), dtype=counts.dtype))
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    prompt_mask: torch.Tensor | None,
+    output_counts: torch.Tensor | None,
+) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens, presence/frequency over output tokens."""
+    if output_counts is None:
+        output_counts = torch.zeros_like(logits, dtype=torch.int32)
+    in_output = output_counts > 0
+    seen = in_output if prompt_mask is None else in_output | prompt_mask
+    rp = t.repetition_penalty.unsqueeze(1)
+    logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    logits = logits - t.frequency_penalty.unsqueeze(1) * output_counts.to(logits.dtype)
+    return logits - t.presence_penalty.unsqueeze(1) * in_output.to(logits.dtype)
+
+
+def apply_min_tokens(logits: torch.Tensor, t: SamplingTensors, output_lens: torch.Tensor) -> torch.Tensor:
+    """Mask EOS and stop_token_ids on rows that have generated fewer than min_tokens tokens."""
+    batch, vocab = logits.shape
+    banned = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
+    banned.scatter_(1, t.stop_ids, True)
+    banned = banned[:, :vocab] & (output_lens < t.min_tokens).unsqueeze(1)
+    return logits.masked_fill(banned, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Top-k then top-p (on the distribution left by top-k), with one sort for both. Ties at the k-th
+    value are all kept, as in vLLM; top-p always keeps the most likely token."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if t.do_top_k:
+        kth = sorted_logits.gather(1, (vocab - t.top_k).clamp(0, vocab - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if t.do_top_p:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - t.top_p).unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * t.min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    output_lens: torch.Tensor,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (penalised logits, the final sampling distribution's logits). The first is what greedy rows
+    take the argmax of; the second has temperature and truncation applied (-inf = excluded)."""
+    logits = logits.float()
+    if t.do_penalties:
+        logits = apply_penalties(logits, t, prompt_mask, output_counts)
+    if t.do_min_tokens:
+        logits = apply_min_tokens(logits, t, output_lens)
+    penalised = logits
+    logits = logits / t.temperature.unsqueeze(1)
+    if t.do_top_k or t.do_top_p:
+        logits = apply_top_k_top_p(logits, t)
+    if t.do_min_p:
+        logits = apply_min_p(logits, t)
+    return penalised, logits
+
+
+def probs_for_sampling(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    output_lens: torch.Tensor,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distribution each row actually samples from, [B, V] float32; one-hot on greedy rows.
+    Speculative decoding needs it for both draft and target."""
+    penalised, processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)
+    probs = processed.softmax(dim=-1)
+    one_hot = torch.zeros_like(probs).scatter_(1, penalised.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(t.greedy.unsqueeze(1), one_hot, probs)
+
+
+def sample(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    output_lens: torch.Tensor,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+) -> SamplerOutput:
+    """Pick the next token of every row.
+
+    logits: [B, V] for the next position. output_lens: [B] int64, tokens generated so far by each row
+    (the step counter for the noise and for min_tokens). prompt_mask: [B, V] bool, tokens in the prompt
+    (repetition penalty). output_counts: [B, V] int, histogram of the tokens generated so far (see
+    `token_counts` / `record_tokens`). The penalty inputs may be None when `t.do_penalties` is False.
+    """
+    penalised, processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)
+    greedy_ids = penalised.argmax(dim=-1)
+    if t.all_greedy:
+        token_ids = greedy_ids
+    else:
+        probs = processed.softmax(dim=-1)
+        exponential = -torch.log(uniform_noise(t.seeds, output_lens, probs.shape[1]))
+        sampled = (probs / exponential).argmax(dim=-1)
+        token_ids = torch.where(t.greedy, greedy_ids, sampled)
+    out = SamplerOutput(token_ids=token_ids)
+    if t.num_logprobs is not None:
+        raw = logits.float().log_softmax(dim=-1)
+        out.logprobs = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        if t.num_logprobs > 0:
+            out.top_logprobs, out.top_token_ids = raw.topk(t.num_logprobs, dim=-1)
+    return out
