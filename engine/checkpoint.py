@@ -182,6 +182,8 @@ def state_dict_from_hf(state: dict[str, torch.Tensor], config: MiniMindConfig, w
         if shared:
             prefix, proj = shared.groups()
             width = config.moe_intermediate_size
+            if config.n_shared_experts == 0 and value.numel() == 0:
+                continue  # the zero-width shared expert written for MoE models without one
             dim = 1 if proj == "down_proj" else 0
             if value.shape[dim] != width * config.n_shared_experts:
                 raise CheckpointError(

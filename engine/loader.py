@@ -79,7 +79,7 @@ def load_model(
     """
     model_config, state, tok_dir, gguf = read_checkpoint(source, preset=preset, config=config)
     model = build_model(model_config, state, str(source))
-    target = resolve_dtype(dtype, device) or _stored_dtype(state)
+    target = resolve_dtype(dtype, device) or stored_dtype(state)
     model = model.to(device=device, dtype=target).eval()
     if lora is not None:
         from engine.lora import merge_lora_adapter
@@ -137,7 +137,7 @@ def load_tokenizer(folder: str | Path, gguf_file: str | None = None) -> Any:
         raise CheckpointError(f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from err
 
 
-def _stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     floats = [t.dtype for t in state.values() if t.is_floating_point()]
     return floats[0] if floats else torch.float32
 

@@ -1,0 +1,57 @@
+"""`convert(SRC, OUT, to=...)`: read any checkpoint kind through the loader, optionally merge a LoRA adapter,
+and write a Hugging Face directory for the chosen target (see engine/export.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import CheckpointError
+from engine.export import choose_target, write_hf_dir
+from engine.loader import build_model, load_tokenizer, read_checkpoint, resolve_dtype, stored_dtype
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    to: str = "auto",
+    *,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    merge_lora: str | Path | None = None,
+    force: bool = False,
+) -> tuple[Path, str]:
+    """Convert SOURCE into OUT; returns (OUT, the target used). dtype None keeps the source's dtype.
+
+    Everything that can fail (reading, checking, refusing the target, the tokenizer) is done before OUT is
+    touched, and OUT itself is written into a temporary sibling and renamed.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: already exists; choose another output directory or pass --force to replace it")
+    model_config, state, tok_dir, gguf = read_checkpoint(source, preset=preset, config=config)
+    target = choose_target(model_config, to)
+    model = build_model(model_config, state, str(source))
+    out_dtype = resolve_dtype(dtype, "cuda") or stored_dtype(state)
+    if merge_lora is not None:
+        from engine.lora import merge_lora_adapter
+
+        model = merge_lora_adapter(model.float(), merge_lora)
+    tok = _tokenizer_for(tokenizer, tok_dir, gguf, source)
+    write_hf_dir(out, model.config, model.state_dict(), tok, target=target, dtype=out_dtype, force=force)
+    return out, target
+
+
+def _tokenizer_for(tokenizer: str | Path | None, tok_dir: Path, gguf: str | None, source: str | Path) -> Any:
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    try:
+        return load_tokenizer(tok_dir, gguf_file=gguf)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{source}: no tokenizer found beside it ({err}); pass --tokenizer DIR so OUT gets one"
+        ) from err

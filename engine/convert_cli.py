@@ -1,0 +1,70 @@
+"""`minimind convert SRC OUT --to TARGET`: any checkpoint kind into a Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+SRC kinds: an upstream MiniMind .pth (with --preset and/or --config), a Hugging Face directory of
+model_type minimind, llama, qwen2, qwen3, qwen2_moe or qwen3_moe, or a .gguf file.
+
+examples:
+  minimind convert out/full_sft_512.pth ./minimind2-small-llama --preset minimind2-small --tokenizer ./tok --to llama
+  minimind convert ./my-checkpoint ./my-checkpoint-qwen3 --to auto --dtype bf16
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.export import TARGETS
+    from engine.presets import PRESETS
+
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "src", metavar="SRC", help="checkpoint to read: a .pth file, a Hugging Face directory or a .gguf file"
+    )
+    parser.add_argument("out", metavar="OUT", help="directory to write (must not exist unless --force)")
+    parser.add_argument(
+        "--to",
+        default="auto",
+        choices=[*TARGETS, "auto"],
+        help="output model type; plain-transformers types load without this project; 'minimind' needs it "
+        "installed; 'auto' (default) picks the most compatible plain-transformers type that represents the model",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="model shape of a .pth file (a .pth holds weights only); --config fields override it",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="config.json describing a .pth file's shape (upstream or ours)"
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="directory with tokenizer.json/tokenizer_config.json (default: beside SRC)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], help="weight precision of OUT (default: the same as SRC)"
+    )
+    parser.add_argument("--merge-lora", metavar="ADAPTER", help="PEFT LoRA adapter directory to merge into the weights")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it exists (the old one is removed only after the new one is complete)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.convert import convert
+
+    out, target = convert(
+        args.src,
+        args.out,
+        args.to,
+        preset=args.preset,
+        config=args.config,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        merge_lora=args.merge_lora,
+        force=args.force,
+    )
+    print(f"wrote {out} (model_type {target})")
+    return 0
