@@ -1,0 +1,178 @@
+"""The chat page: `streamlit run webui/app.py`, talking to `minimind serve` (or any OpenAI-compatible API).
+
+The page only draws; what it sends and how it reads the stream live in `webui/chat_logic.py`. Every
+exchange is kept in `st.session_state.history`, so a rerun (any widget change) redraws the same chat.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import streamlit as st
+
+# `streamlit run webui/app.py` puts webui/ (not the project root) on sys.path; this makes `webui.` importable
+# from a source checkout as well as from an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from webui.chat_logic import (  # noqa: E402
+    StreamAccumulator,
+    api_settings_from_env,
+    build_messages,
+    completion_request,
+    friendly_error,
+)
+
+MODELS_TTL_S = 30
+
+
+@st.cache_data(ttl=MODELS_TTL_S, show_spinner=False)
+def list_models(api_base: str, api_key: str) -> list[str]:
+    """Model ids from /v1/models. Errors are raised, not cached, so a server that comes up is seen at once."""
+    return [model.id for model in make_client(api_base, api_key).models.list().data]
+
+
+def make_client(api_base: str, api_key: str) -> openai.OpenAI:
+    # No retries: a person waiting on the page should see "server down" or "busy" at once, not after backoff.
+    return openai.OpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=httpx.Timeout(300.0, connect=5.0))
+
+
+def sidebar() -> dict[str, Any]:
+    """The settings panel; returns the values the next request uses."""
+    env_base, env_key = api_settings_from_env()
+    with st.sidebar:
+        st.header("Settings")
+        api_base = st.text_input("API base URL", value=env_base, key="api_base", help="Ends with /v1.")
+        api_key = st.text_input("API key", value=env_key, key="api_key", type="password")
+        models: list[str] = []
+        models_error = None
+        try:
+            models = list_models(api_base, api_key)
+        except Exception as exc:  # any failure becomes a sentence on the page, never a traceback
+            models_error = friendly_error(exc, api_base)
+        model = st.selectbox("Model", models, key="model", help="Filled from the server's /v1/models.")
+        system_prompt = st.text_area("System prompt", value="", key="system_prompt", height=80)
+        temperature = st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature")
+        top_p = st.slider("Top p", 0.05, 1.0, 0.95, 0.05, key="top_p")
+        max_tokens = st.number_input("Max tokens", 1, 32768, 512, 64, key="max_tokens")
+        history_turns = st.slider(
+            "Past turns sent", 0, 20, 4, key="history_turns", help="How many earlier exchanges go with a message."
+        )
+        thinking = st.toggle("Thinking", value=False, key="thinking", help="Let the model reason before answering.")
+        st.button("Clear chat", on_click=clear_chat, use_container_width=True)
+    return {
+        "api_base": api_base,
+        "api_key": api_key,
+        "model": model,
+        "models_error": models_error,
+        "system_prompt": system_prompt,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "max_tokens": int(max_tokens),
+        "history_turns": int(history_turns),
+        "thinking": bool(thinking),
+    }
+
+
+def clear_chat() -> None:
+    st.session_state.history = []
+
+
+def regenerate() -> None:
+    """Drops the last answer and its question, and asks that question again on this rerun."""
+    history = st.session_state.history
+    if history and history[-1]["role"] == "assistant":
+        history.pop()
+    if history and history[-1]["role"] == "user":
+        st.session_state.pending_prompt = history.pop()["content"]
+
+
+def draw_answer(message: dict[str, Any], *, last: bool) -> None:
+    """One assistant bubble's contents: reasoning (collapsed), answer, stats, copy, regenerate, error."""
+    if message.get("reasoning"):
+        with st.expander("Thinking", expanded=False):
+            st.markdown(message["reasoning"])
+    if message["content"]:
+        st.markdown(message["content"])
+    if message.get("error"):
+        st.error(message["error"])
+    footer = st.columns([6, 1, 2])
+    if message.get("stats"):
+        footer[0].caption(message["stats"])
+    if message["content"]:
+        with footer[1].popover("Copy", help="The answer as plain text, with a copy button"):
+            st.code(message["content"], language=None, wrap_lines=True)
+    if last:
+        footer[2].button("Regenerate", key="regenerate", on_click=regenerate, use_container_width=True)
+
+
+def stream_answer(settings: dict[str, Any], prompt: str, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sends one request and draws the answer as it streams; returns the assistant entry for the history."""
+    acc = StreamAccumulator()
+    if not settings["model"]:
+        message = acc.to_message()
+        message["error"] = settings["models_error"] or f"The API at {settings['api_base']} lists no model to ask."
+        return message
+    reasoning_box, answer_box = st.empty(), st.empty()
+    try:
+        messages = build_messages(settings["system_prompt"], history, prompt, settings["history_turns"])
+        request = completion_request(
+            model=settings["model"],
+            messages=messages,
+            temperature=settings["temperature"],
+            top_p=settings["top_p"],
+            max_tokens=settings["max_tokens"],
+            thinking=settings["thinking"],
+        )
+        stream = make_client(settings["api_base"], settings["api_key"]).chat.completions.create(**request)
+        for chunk in stream:
+            reasoning_delta, content_delta = acc.feed(chunk)
+            if reasoning_delta:
+                with reasoning_box.container():
+                    with st.expander("Thinking", expanded=True):
+                        st.markdown(acc.reasoning)
+            if content_delta:
+                answer_box.markdown(acc.content + "▌")
+    except Exception as exc:  # server down, 401, 429, dropped stream: a sentence, and the partial answer kept
+        message = acc.to_message()
+        message["error"] = friendly_error(exc, settings["api_base"])
+        return message
+    return acc.to_message()
+
+
+def main() -> None:
+    st.set_page_config(page_title="MiniMind chat", page_icon="💬", layout="centered")
+    st.session_state.setdefault("history", [])
+    settings = sidebar()
+    st.title("MiniMind chat")
+    if settings["models_error"]:
+        st.error(settings["models_error"])
+    elif settings["model"]:
+        st.caption(f"Model: {settings['model']} · {settings['api_base']}")
+
+    history: list[dict[str, Any]] = st.session_state.history
+    for i, message in enumerate(history):
+        with st.chat_message(message["role"]):
+            if message["role"] == "user":
+                st.markdown(message["content"])
+            else:
+                draw_answer(message, last=i == len(history) - 1)
+
+    typed = st.chat_input("Message")
+    prompt = st.session_state.pop("pending_prompt", None) or typed
+    if not prompt:
+        return
+    earlier = list(history)
+    history.append({"role": "user", "content": prompt})
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    with st.chat_message("assistant"):
+        answer = stream_answer(settings, prompt, earlier)
+    history.append(answer)
+    st.rerun()  # redraw from history, so the new answer gets its footer (copy, regenerate) like the others
+
+
+main()
