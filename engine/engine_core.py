@@ -1,0 +1,257 @@
+"""The engine loop shared by the offline `LLM` and the async native backend: add requests, step, emit deltas.
+
+One `step()` asks the scheduler what to run (a prefill of newly admitted sequences, or one decode step over all
+running ones), runs it through the model runner, samples, and turns each sequence's new tokens into a
+`CompletionDelta` (text from the incremental detokenizer, logprobs, finish state). Finished or aborted sequences
+have already given their cache slot back when their delta is returned.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from engine.backend import CompletionDelta, TokenLogprob
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import KVCache
+from engine.model import MiniMindForCausalLM
+from engine.model_runner import ModelRunner
+from engine.sampling import SamplerOutput, SamplingTensors, sample, token_counts
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+def eos_token_ids(model: MiniMindForCausalLM, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation/config EOS ids."""
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        model.config.eos_token_id,
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def size_cache_slots(model: MiniMindForCausalLM, max_len: int, max_num_seqs: int, memory_bytes: int | None) -> int:
+    """How many sequences the cache holds: max_num_seqs, or fewer if their slots would not fit in the budget
+    (default: half the free GPU memory, or 2 GiB on the CPU)."""
+    cfg = model.config
+    param = next(model.parameters())
+    per_slot = KVCache.bytes_per_slot(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_len, param.dtype
+    )
+    if memory_bytes is None:
+        memory_bytes = torch.cuda.mem_get_info(param.device)[0] // 2 if param.device.type == "cuda" else 2 << 30
+    return max(1, min(max_num_seqs, memory_bytes // per_slot))
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: MiniMindForCausalLM,
+        tokenizer,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        cuda_graphs: bool = True,
+        max_queue: int | None = None,
+        kv_cache_memory: int | None = None,
+        draft_model: MiniMindForCausalLM | None = None,
+        num_speculative_tokens: int = 4,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = model.config.vocab_size
+        self.device = next(model.parameters()).device
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        # Speculative verification writes up to k positions past the last token: leave room for them.
+        spare = num_speculative_tokens + 1 if draft_model is not None else 0
+        cache_len = max_model_len + spare
+        slots = size_cache_slots(model, cache_len, max_num_seqs, kv_cache_memory)
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(
+            cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, cache_len, dtype, self.device
+        )
+        self.runner = ModelRunner(model, self.cache, cuda_graphs, max_step_tokens=max(2, spare))
+        self.scheduler = Scheduler(self.cache, max_model_len, max_queue)
+        self.spec = None
+        if draft_model is not None:
+            from engine.spec_decode import SpeculativeDecoder
+
+            self.spec = SpeculativeDecoder(self, draft_model, num_speculative_tokens, cuda_graphs)
+        self.lock = threading.RLock()  # one thread at a time drives the model (engine loop vs. embed)
+        self._tensors_key: tuple[int, ...] = ()
+        self._tensors: SamplingTensors | None = None
+
+    # ---- requests ---------------------------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> list[Sequence]:
+        """Queue a request's n sequences; raises PromptTooLongError / QueueFullError before queueing anything."""
+        with self.lock:
+            self.scheduler.check(len(prompt_token_ids), params.max_tokens, params.n)
+            seqs = [
+                Sequence(request_id, i, list(prompt_token_ids), params, self.max_model_len, prompt=prompt)
+                for i in range(params.n)
+            ]
+            for seq in seqs:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, self.eos_ids)
+            self.scheduler.add(seqs)
+            return seqs
+
+    def abort(self, request_id: str) -> list[CompletionDelta]:
+        """Finish a request's live sequences now (their cache is freed) and return their final deltas."""
+        with self.lock:
+            seqs = self.scheduler.abort(request_id)
+            return [self._delta(seq, [], seq.detok.finish("abort"), None) for seq in seqs]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ---------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[CompletionDelta]:
+        with self.lock:
+            kind, seqs = self.scheduler.schedule()
+            if not seqs:
+                return []
+            if kind == "prefill":
+                return self._prefill(seqs)
+            if self.spec is not None:
+                return self.spec.step(seqs)
+            logits = self.runner.step(
+                [s.slot for s in seqs], [[s.last_token] for s in seqs], [s.num_tokens - 1 for s in seqs]
+            )
+            return self.process(seqs, logits[:, 0])
+
+    def _prefill(self, seqs: list[Sequence]) -> list[CompletionDelta]:
+        # Completions of one request (n > 1) share the prompt: prefill it once, copy the cache to the others.
+        leaders: dict[str, int] = {}
+        rows: list[int] = []
+        for seq in seqs:
+            rows.append(leaders.setdefault(seq.request_id, len(leaders)))
+        firsts = [next(s for s in seqs if s.request_id == rid) for rid in leaders]
+        want_full = [s.params.prompt_logprobs is not None for s in firsts]
+        last, full = self.runner.prefill([s.prompt_token_ids for s in firsts], [s.slot for s in firsts], want_full)
+        for seq, row in zip(seqs, rows):
+            leader = firsts[row]
+            if seq is not leader:
+                self.cache.copy_slot(leader.slot, seq.slot, seq.num_prompt_tokens)
+            seq.num_cached = seq.num_prompt_tokens
+            if seq.index == 0 and full[row] is not None:
+                seq.prompt_logprobs = self._prompt_logprobs(seq, full[row])
+        if self.spec is not None:
+            self.spec.prefill(seqs)
+        return self.process(seqs, last[torch.tensor(rows, device=last.device)])
+
+    # ---- sampling and output ----------------------------------------------------------------------------------------
+
+    def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        """Per-row sampling controls, rebuilt only when the batch changes (a steady decode batch reuses them)."""
+        key = tuple(s.seq_id for s in seqs)
+        if key != self._tensors_key or self._tensors is None:
+            self._tensors = SamplingTensors.from_params(
+                [s.params for s in seqs],
+                self.vocab_size,
+                self.device,
+                eos_token_ids=self.eos_ids,
+                sample_indices=[s.index for s in seqs],
+            )
+            self._tensors_key = key
+        return self._tensors
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
+        t = self.sampling_tensors(seqs)
+        output_lens = torch.tensor([len(s.output_token_ids) for s in seqs], device=self.device)
+        prompt_mask = counts = None
+        if t.do_penalties:
+            prompt_mask = token_counts([s.prompt_token_ids for s in seqs], self.vocab_size, self.device) > 0
+            counts = token_counts([s.output_token_ids for s in seqs], self.vocab_size, self.device)
+        return sample(logits, t, output_lens, prompt_mask, counts)
+
+    def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[CompletionDelta]:
+        """Sample one token per sequence from logits [B, V] and append it (or finish sequences with max_tokens=0)."""
+        out = self.sample(seqs, logits)
+        token_ids = out.token_ids.tolist()
+        deltas = []
+        for row, (seq, token) in enumerate(zip(seqs, token_ids)):
+            if seq.max_new_tokens() == 0:  # max_tokens=0: prompt logprobs only
+                seq.detok.finish("length")
+                self.scheduler.finish(seq, "length")
+                deltas.append(self._delta(seq, [], "", None))
+                continue
+            deltas.append(self.append(seq, [token], [self._logprob(out, row, token, seq.params.logprobs)]))
+        return deltas
+
+    def append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> CompletionDelta:
+        """Append tokens to a sequence (the detokenizer drops any after a stop), finishing it when it ends."""
+        before = len(seq.output_token_ids)
+        text = seq.detok.add_tokens(tokens)
+        kept = seq.detok.token_ids[before:]
+        # The context window can also end it (the detokenizer only knows max_tokens).
+        room = seq.max_total_len - seq.num_prompt_tokens - before
+        if len(kept) >= room and not seq.detok.finished:
+            kept = kept[:room]
+            text += seq.detok.finish("length")
+        seq.output_token_ids.extend(kept)
+        kept_logprobs = [lp for lp in logprobs[: len(kept)] if lp is not None]
+        seq.cumulative_logprob += sum(lp.logprob for lp in kept_logprobs)
+        if seq.detok.finished:
+            self.scheduler.finish(seq, seq.detok.finish_reason, seq.detok.stop_reason)
+        if seq.params.logprobs is None:
+            return self._delta(seq, kept, text, None)
+        seq.logprobs = (seq.logprobs or []) + kept_logprobs
+        return self._delta(seq, kept, text, kept_logprobs)
+
+    def _delta(self, seq: Sequence, tokens: list[int], text: str, logprobs) -> CompletionDelta:
+        seq.text += text
+        first = len(seq.output_token_ids) == len(tokens)
+        return CompletionDelta(
+            request_id=seq.request_id,
+            index=seq.index,
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=len(seq.output_token_ids),
+            prompt_logprobs=seq.prompt_logprobs if first else None,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _logprob(self, out: SamplerOutput, row: int, token: int, wanted: int | None) -> TokenLogprob | None:
+        if wanted is None or out.logprobs is None:
+            return None
+        top = []
+        if wanted > 0 and out.top_token_ids is not None:
+            ids = out.top_token_ids[row, :wanted].tolist()
+            values = out.top_logprobs[row, :wanted].tolist()
+            top = [(i, self._token_text(i), v) for i, v in zip(ids, values)]
+        return TokenLogprob(token, self._token_text(token), float(out.logprobs[row]), top)
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """Logprob of each prompt token given the ones before it (None for the first), with top-N alternatives."""
+        logprobs = logits.log_softmax(dim=-1)[:-1]
+        targets = torch.tensor(seq.prompt_token_ids[1:], device=logits.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        wanted = seq.params.prompt_logprobs or 0
+        top_values, top_ids = logprobs.topk(wanted, dim=-1) if wanted else (None, None)
+        result: list[TokenLogprob | None] = [None]
+        for i, token in enumerate(seq.prompt_token_ids[1:]):
+            top = []
+            if wanted:
+                top = [(t, self._token_text(t), v) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist())]
+            result.append(TokenLogprob(token, self._token_text(token), chosen[i], top))
+        return result

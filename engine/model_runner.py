@@ -1,0 +1,130 @@
+"""Runs the model over the KV cache: batched prefill, and the decode/verify step (optionally as CUDA graphs).
+
+Two forward shapes exist:
+- `prefill`: new prompts, right-padded to one length, written from position 0 into their slots (eager: prompt
+  lengths vary too much to capture).
+- `step`: every running sequence feeds T tokens (T=1 for decode, k+1 for speculative verification) from its own
+  start position and reads its cache history. With CUDA graphs the batch rows *are* slots 0..bs-1 (the scheduler
+  packs sequences into the lowest slots), so the graph reads a fixed view of the cache; one graph is captured per
+  (batch bucket, T, history-length bucket) the first time it is needed and replayed afterwards. That removes the
+  per-kernel launch cost that bounds small models (hundreds of launches per token), which is the main lever here.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import CacheView, KVCache
+from engine.model import MiniMindForCausalLM
+
+
+def _buckets(limit: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, limit + 1, 16))
+    return sorted({s for s in sizes if s < limit} | {limit})
+
+
+def _pick(buckets: list[int], value: int) -> int:
+    return buckets[bisect.bisect_left(buckets, value)]
+
+
+class ModelRunner:
+    def __init__(self, model: MiniMindForCausalLM, cache: KVCache, cuda_graphs: bool = True, max_step_tokens: int = 8):
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+        # MoE routing branches on the host (which experts got tokens), so it cannot be captured.
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and not model.config.use_moe
+        self.batch_buckets = _buckets(cache.num_slots)
+        self.len_buckets = [64 * 2**i for i in range(32) if 64 * 2**i < cache.max_len] + [cache.max_len]
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        if self.use_graphs:
+            self.tokens_buf = torch.zeros(cache.num_slots, max_step_tokens, dtype=torch.long, device=self.device)
+            self.start_buf = torch.zeros(cache.num_slots, dtype=torch.long, device=self.device)
+
+    # ---- forward passes -------------------------------------------------------------------------------------------
+
+    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, kv_len: int):
+        positions = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        view = CacheView(self.cache, slots, start, kv_len)
+        hidden = self.model.model(input_ids=tokens, position_ids=positions, kv_cache=view).last_hidden_state
+        return self.model.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def prefill(
+        self, prompts: list[list[int]], slots: list[int], full_logits: list[bool]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Write the prompts into their slots. Returns the last position's logits [B, V] and, for rows that asked
+        (prompt logprobs), the logits of every prompt position [T, V]."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        view = CacheView(
+            self.cache,
+            torch.tensor(slots, device=self.device),
+            torch.zeros(len(prompts), dtype=torch.long, device=self.device),
+            width,
+            fresh=True,
+        )
+        hidden = self.model.model(input_ids=tokens, position_ids=positions, kv_cache=view).last_hidden_state
+        last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        full = [
+            self.model.lm_head(hidden[i, : lengths[i]]).float() if want else None for i, want in enumerate(full_logits)
+        ]
+        return self.model.lm_head(last).float(), full
+
+    @torch.inference_mode()
+    def step(self, slots: list[int], tokens: torch.Tensor | list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed each row's T tokens ([B, T], host list or a tensor on any device, so a draft's own samples can be
+        fed back without a host sync) from its start position; returns logits [B, T, V] in the rows' order."""
+        tokens = torch.as_tensor(tokens).to(self.device, non_blocking=True)
+        num_new = tokens.shape[1]
+        needed = max(starts) + num_new
+        if not self.use_graphs or num_new > self.tokens_buf.shape[1]:
+            start = torch.tensor(starts, device=self.device)
+            return self._forward(tokens, start, torch.tensor(slots, device=self.device), needed)
+        batch = _pick(self.batch_buckets, max(slots) + 1)
+        kv_len = _pick(self.len_buckets, needed)
+        host_start = torch.zeros(batch, dtype=torch.long)  # free slots in the bucket compute at position 0
+        host_start[slots] = torch.tensor(starts)
+        self.start_buf[:batch].copy_(host_start, non_blocking=True)
+        if slots == list(range(batch)):
+            self.tokens_buf[:batch, :num_new].copy_(tokens)
+            index = None
+        else:
+            index = torch.tensor(slots).to(self.device, non_blocking=True)
+            self.tokens_buf[index, :num_new] = tokens
+        key = (batch, num_new, kv_len)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits if index is None else logits[index]
+
+    def _capture(self, batch: int, num_new: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture one step shape. The buffers already hold this step's real inputs, so warm-up writes are valid."""
+        tokens, start = self.tokens_buf[:batch, :num_new], self.start_buf[:batch]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(tokens, start, None, kv_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(tokens, start, None, kv_len)
+        self.pool = graph.pool()
+        return graph, logits
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Mean of the last hidden states over each prompt's tokens, L2-normalised (no cache involved)."""
+        vectors = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=self.device)
+            hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+            vectors.append(F.normalize(hidden.mean(0), dim=-1).tolist())
+        return vectors

@@ -1,0 +1,65 @@
+"""State of one sequence (one of a request's `n` completions) as it moves waiting -> running -> finished."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.backend import TokenLogprob
+from engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_total_len: int  # prompt + generated may not exceed this (the engine's max_model_len)
+    prompt: str | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    output_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    text: str = ""  # detokenized output so far (what has been emitted)
+    sampler_state: Any = None  # per-sequence sampling state (generator) owned by the sampler
+    detok: Any = None  # per-sequence incremental detokenizer
+    num_cached: int = 0  # positions of this sequence already written to the KV cache
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def max_new_tokens(self) -> int:
+        """Tokens this sequence may still produce: the smaller of max_tokens and what the context leaves."""
+        room = self.max_total_len - self.num_tokens
+        if self.params.max_tokens is not None:
+            room = min(room, self.params.max_tokens - len(self.output_token_ids))
+        return max(room, 0)
