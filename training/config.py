@@ -1,0 +1,206 @@
+"""TrainConfig: every training option in one dataclass, loaded from YAML and overridden from the command line.
+
+One flat dataclass (instead of nested ones per concern) so that every field maps 1:1 to a `--key value` flag and
+to a line of the YAML presets under configs/. The resolved config is written next to the checkpoints
+(`config.yaml`) so a run can always be repeated or resumed with exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.errors import TrainingError
+
+STAGES = ("pretrain", "sft", "lora")
+
+
+def minimind_home() -> Path:
+    """Cache and default outputs live here (MINIMIND_HOME, default ~/.cache/minimind)."""
+    return Path(os.environ.get("MINIMIND_HOME", Path.home() / ".cache" / "minimind")).expanduser()
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its --help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    stage: str = _f(
+        "pretrain", "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters)"
+    )
+    preset: str = _f("minimind2-small", "model shape from engine/presets.py, used when init_from is empty")
+    model_config: dict = _f({}, "overrides of the preset's config fields, e.g. {hidden_size: 256} (YAML/JSON mapping)")
+    init_from: str = _f(
+        "", "start from these weights: a Hugging Face directory (e.g. a pretrain run's final/) or upstream .pth"
+    )
+    tokenizer: str = _f(
+        "", "tokenizer directory (tokenizer.json + tokenizer_config.json with the chat template); default: init_from"
+    )
+    # data
+    data_path: str = _f(
+        "", 'JSONL file(s), comma-separated: pretrain lines {"text": ...}, sft/lora lines {"conversations": [...]}'
+    )
+    max_seq_len: int = _f(340, "tokens per training sequence (pretrain packs documents to exactly this length)")
+    skip_bad_lines: bool = _f(
+        False, "skip malformed JSONL lines (counted in the log) instead of stopping at the first one"
+    )
+    cache_dir: str = _f("", "where tokenized data is cached; default MINIMIND_HOME/cache/data")
+    # optimisation
+    epochs: float = _f(1.0, "passes over the data (fractions allowed); ignored when max_steps > 0")
+    max_steps: int = _f(0, "optimizer steps to run; 0 = derive from epochs")
+    batch_size: int = _f(32, "sequences per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes)")
+    lr: float = _f(5e-4, "peak learning rate (reached after warmup)")
+    min_lr_ratio: float = _f(0.1, "the cosine schedule ends at lr x min_lr_ratio")
+    warmup_steps: int = _f(0, "linear warmup steps; 0 = warmup_ratio x total steps")
+    warmup_ratio: float = _f(0.01, "fraction of total steps used for warmup when warmup_steps is 0")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to norms, biases and embeddings)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    dropout: float = _f(0.0, "dropout probability inside the model (0 for the usual pretraining)")
+    seed: int = _f(42, "seed for weights, data order and dropout")
+    # hardware
+    device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    dtype: str = _f(
+        "auto", "auto (bf16 autocast on GPUs that have it, fp16+GradScaler otherwise, fp32 on CPU), bf16, fp16 or fp32"
+    )
+    compile: bool = _f(False, "torch.compile the model (faster steps after a warm-up compile)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    distributed: str = _f("ddp", "under torchrun: ddp (replicate the model) or fsdp (shard it with torch fully_shard)")
+    # outputs
+    output_dir: str = _f("", "run directory (checkpoints, final model, logs); default MINIMIND_HOME/runs/<stage>")
+    save_every: int = _f(
+        1000, "save a resumable checkpoint every N optimizer steps (and always at the end); 0 = only at the end"
+    )
+    keep_last: int = _f(3, "how many step checkpoints to keep (older ones are deleted)")
+    save_format: str = _f("hf", "final weights: hf (Hugging Face directory), pth (upstream MiniMind .pth) or both")
+    resume: str = _f(
+        "auto", "auto (continue from the newest checkpoint in output_dir if any), never, or a checkpoint path"
+    )
+    log_every: int = _f(10, "log loss/lr/throughput every N optimizer steps")
+    report_to: str = _f("tensorboard", "tensorboard, wandb, swanlab or none (comma-separate several)")
+    run_name: str = _f("", "name shown in wandb/swanlab; default: the output directory's name")
+    # LoRA
+    lora_rank: int = _f(8, "LoRA rank r")
+    lora_alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_targets: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get LoRA adapters (comma-separated on the command line)",
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse impossible values by field name, before anything expensive happens."""
+        checks = [
+            (self.stage in STAGES, "stage", f"must be one of {', '.join(STAGES)}"),
+            (self.max_seq_len >= 2, "max_seq_len", "must be at least 2"),
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (self.grad_accum >= 1, "grad_accum", "must be at least 1"),
+            (self.lr > 0, "lr", "must be positive"),
+            (self.save_format in ("hf", "pth", "both"), "save_format", "must be hf, pth or both"),
+            (self.distributed in ("ddp", "fsdp"), "distributed", "must be ddp or fsdp"),
+            (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
+            (self.lora_rank >= 1, "lora_rank", "must be at least 1"),
+            (self.keep_last >= 1, "keep_last", "must be at least 1"),
+            (self.log_every >= 1, "log_every", "must be at least 1"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise TrainingError(f"config field {name}={getattr(self, name)!r} {why}")
+
+    @property
+    def data_files(self) -> list[Path]:
+        return [Path(p.strip()).expanduser() for p in self.data_path.split(",") if p.strip()]
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() if self.output_dir else minimind_home() / "runs" / self.stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def convert_value(name: str, raw: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type; errors name the field and the expected type."""
+    kind = type(FIELDS[name].default) if FIELDS[name].default is not dataclasses.MISSING else None
+    if kind is None:
+        kind = type(FIELDS[name].default_factory())
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is list:
+            if isinstance(raw, str):
+                return [part.strip() for part in raw.split(",") if part.strip()]
+            return list(raw)
+        if kind is dict:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            if not isinstance(value, dict):
+                raise ValueError(raw)
+            return value
+        if kind is int:
+            number = float(raw)  # accepts "1e3" and 1000.0 as well as "1000"
+            if not number.is_integer() or isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(number)
+        if kind is str:
+            return "" if raw is None else str(raw)
+        return kind(raw)
+    except (TypeError, ValueError, yaml.YAMLError):
+        raise TrainingError(f"config field {name}: cannot read {raw!r} as {kind.__name__}") from None
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, stage: str | None = None
+) -> TrainConfig:
+    """YAML file (optional) + overrides (already keyed by field name) -> a validated TrainConfig."""
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise TrainingError(
+                f"config file {path} not found; presets live under configs/ (e.g. configs/pretrain-minimind2-small.yaml)"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise TrainingError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise TrainingError(f"{path}: expected a mapping of field: value at the top level")
+        values.update(loaded)
+    values.update(overrides or {})
+    if stage is not None:
+        values["stage"] = stage
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise TrainingError(
+            f"unknown config field(s) {', '.join(unknown)}"
+            + (f" in {path}" if path else "")
+            + f"; known: {', '.join(FIELDS)}"
+        )
+    return TrainConfig(**{name: convert_value(name, value) for name, value in values.items()})

@@ -1,0 +1,417 @@
+"""The training loop, shared by every stage: devices, precision, accumulation, clipping, schedule, logging,
+checkpoints and resume, DDP/FSDP. A stage (training/stages.py) only supplies data, collate, loss and saving.
+
+Loss scaling: each micro-batch's loss is its summed cross-entropy divided by the number of trained tokens in the
+whole optimizer step (all micro-batches, all processes), so every token weighs the same and batch 8 x 1 equals
+batch 2 x 4. The sample order is a pure function of (seed, position), so the data position saved in a
+checkpoint is just the step number, and a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from training.checkpoint import check_world, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from training.config import TrainConfig
+from training.errors import TrainingError
+from training.reporting import Reporter
+
+log = logging.getLogger("minimind.train")
+# Dense bf16 peak of the GPUs MFU is reported for (FLOP/s); others show no MFU rather than a wrong one.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "4090": 165e12,
+}
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine down to lr * min_lr_ratio at the last step (a pure function of step)."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class SampleOrder:
+    """Global sample positions 0, 1, 2, ... mapped to dataset indices through one seeded permutation per epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self._perms = size, seed, {}
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][offset])
+
+
+def setup_distributed(device: str) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device); joins torchrun's process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device={device} but torch sees no CUDA GPU; use --device cpu")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return rank, local_rank, world, dev
+
+
+def precision(dtype: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    if device.type != "cuda":
+        if dtype in ("bf16", "fp16"):
+            raise TrainingError(f"dtype={dtype} needs a GPU; on CPU training runs in fp32 (dtype auto or fp32)")
+        return None, False
+    if dtype == "auto":
+        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, True), "fp32": (None, False)}[dtype]
+
+
+def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
+    """Weights from init_from (any checkpoint engine.loader reads) or a fresh preset-shaped model (seeded)."""
+    from engine.model import MiniMindForCausalLM
+
+    if cfg.init_from:
+        from engine.loader import load_model
+
+        source = Path(cfg.init_from).expanduser()
+        shaped = source.is_file() and source.suffix == ".pth"
+        model, _ = load_model(
+            source, dtype="fp32", tokenizer=cfg.tokenizer or None, preset=cfg.preset if shaped else None
+        )
+        for module in model.modules():  # the checkpoint's dropout is an inference setting; training picks its own
+            if isinstance(module, nn.Dropout):
+                module.p = cfg.dropout
+            elif hasattr(module, "dropout") and isinstance(module.dropout, float):
+                module.dropout = cfg.dropout
+        return model.train()
+    from engine.presets import preset_config
+
+    overrides = {"dropout": cfg.dropout, **cfg.model_config}
+    if len(tokenizer) > overrides.get("vocab_size", 0):
+        overrides.setdefault("vocab_size", len(tokenizer))
+    for key, token in (
+        ("eos_token_id", tokenizer.eos_token_id),
+        ("bos_token_id", tokenizer.bos_token_id),
+        ("pad_token_id", tokenizer.pad_token_id),
+    ):
+        if token is not None:
+            overrides.setdefault(key, token)
+    try:
+        config = preset_config(cfg.preset, **overrides)
+    except ValueError as err:
+        raise TrainingError(f"preset/model_config: {err}") from None
+    if config.vocab_size < len(tokenizer):
+        raise TrainingError(
+            f"model_config vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
+        )
+    torch.manual_seed(cfg.seed)
+    return MiniMindForCausalLM(config).train()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norms, biases or the (tied) embedding."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 and "embed" not in name else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, stage: Any) -> None:
+        self.cfg, self.stage = cfg, stage
+        self.rank, self.local_rank, self.world, self.device = setup_distributed(cfg.device)
+        self.is_main = self.rank == 0
+        self.amp_dtype, use_scaler = precision(cfg.dtype, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.run_dir = cfg.resolved_output_dir()
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def setup(self) -> None:
+        from engine.loader import load_tokenizer
+
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)
+        tokenizer_dir = cfg.tokenizer or cfg.init_from
+        if not tokenizer_dir:
+            raise TrainingError("no tokenizer: set tokenizer: (a directory with tokenizer.json) or init_from:")
+        source = Path(tokenizer_dir).expanduser()
+        self.tokenizer = load_tokenizer(source.parent if source.is_file() else source)
+        if not cfg.data_files:
+            raise TrainingError("data_path is empty: give a JSONL file (--data-path FILE.jsonl)")
+        if not self.is_main:  # rank 0 tokenizes into the cache, the others then read it
+            self.barrier()
+        self.dataset = self.stage.build_dataset(cfg, self.tokenizer)
+        if self.is_main:
+            self.barrier()
+        self.order = SampleOrder(len(self.dataset), cfg.seed)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.dataset) / self.global_batch))
+
+        model = self.stage.prepare_model(build_model(cfg, self.tokenizer), cfg)
+        self.config = model.config
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(self.device)  # the module whose state is saved (same parameters as the wrapper)
+        self.wrapped = self.wrap(self.model)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
+        )
+        if cfg.compile:
+            self.model.compile()
+        self.start_step, self.tokens_seen = 0, 0
+        self.resume()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        if self.cfg.distributed == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
+            for layer in model.model.layers:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def full_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Unsharded model and optimizer state on CPU (a collective under torchrun: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+        return get_state_dict(self.model, self.optimizer, options=options)
+
+    def resume(self) -> None:
+        path = resolve_resume(self.run_dir, self.cfg.resume)
+        if path is None:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        saved = load_checkpoint(path)
+        same_world = check_world(saved, self.world, self.global_batch)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=saved["model"],
+            optim_state_dict=saved["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+        self.scaler.load_state_dict(saved["scaler"])
+        self.start_step, self.tokens_seen = saved["step"], saved["tokens_seen"]
+        if same_world:
+            set_rng_state(saved["rng"][self.rank])
+        else:  # new process count, same global batch: same data order, fresh (seeded) dropout streams
+            torch.manual_seed(self.cfg.seed + 1000003 * self.start_step + self.rank)
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.start_step)
+
+    def save(self, step: int) -> None:
+        model_state, optim_state = self.full_state()
+        rngs = [None] * self.world
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if self.is_main:
+            state = {
+                "model": model_state,
+                "optimizer": optim_state,
+                "scaler": self.scaler.state_dict(),
+                "step": step,
+                "tokens_seen": self.tokens_seen,
+                "rng": rngs,
+                "world_size": self.world,
+                "global_batch": self.global_batch,
+            }
+            save_checkpoint(self.run_dir, step, state, yaml.safe_dump(self.cfg.to_dict()), self.cfg.keep_last)
+        self.barrier()
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's grad_accum micro-batches of optimizer step `step` (positions step*G ... step*G+G-1)."""
+        cfg, base = self.cfg, step * self.global_batch
+        batches = []
+        for micro in range(cfg.grad_accum):
+            first = base + (micro * self.world + self.rank) * cfg.batch_size
+            items = [self.dataset[self.order(first + i)] for i in range(cfg.batch_size)]
+            batches.append(self.stage.collate(items, self.tokenizer))
+        return batches
+
+    def sync_context(self, last_micro: bool) -> Any:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.world > 1 and self.cfg.distributed == "ddp" and not last_micro:
+            return self.wrapped.no_sync()
+        if self.world > 1 and self.cfg.distributed == "fsdp":
+            self.wrapped.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (summed CE over this rank's tokens, trained tokens of the whole step)."""
+        batches = self.micro_batches(step)
+        self.step_positions = sum(b["input_ids"].numel() for b in batches) * self.world
+        n_tokens = torch.tensor(
+            sum(int((b["targets"] != -100).sum()) for b in batches), device=self.device, dtype=torch.float32
+        )
+        if dist.is_initialized():
+            dist.all_reduce(n_tokens)
+        denom = n_tokens.clamp(min=1) / self.world  # DDP/FSDP average gradients over ranks; undo that
+        lr = lr_at(step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ce_total = torch.zeros((), device=self.device)
+        for n, batch in enumerate(batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.sync_context(n == len(batches) - 1):
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+                ):
+                    ce, aux = self.stage.loss(self.wrapped, batch)
+                loss = ce / denom + aux / len(batches)
+                self.scaler.scale(loss).backward()
+            ce_total += ce.detach()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ce_total, n_tokens
+
+    def run(self) -> Path:
+        """Train to total_steps (resuming if a checkpoint exists) and write the final model; returns its path."""
+        from tqdm import tqdm
+
+        self.setup()
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            if self.dataset.bad_lines:
+                log.warning("skipped %d bad line(s) in %s (--skip-bad-lines)", self.dataset.bad_lines, cfg.data_path)
+        reporter = Reporter(self.run_dir, cfg.report_to, cfg.run_name, cfg.to_dict(), self.is_main)
+        if self.is_main:
+            reporter.log(
+                self.start_step, {"bad_lines": float(self.dataset.bad_lines), "samples": float(len(self.dataset))}
+            )
+        flops_per_token = (
+            6 * self.num_params + 12 * self.config.num_hidden_layers * self.config.hidden_size * cfg.max_seq_len
+        )
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+        bar = tqdm(
+            total=self.total_steps, initial=self.start_step, disable=not self.is_main, dynamic_ncols=True, unit="step"
+        )
+        if self.is_main:
+            log.info(
+                "%s: %d samples, %d steps, %.1fM parameters (%.2fM trained), global batch %d x %d tokens, %s",
+                cfg.stage,
+                len(self.dataset),
+                self.total_steps,
+                self.num_params / 1e6,
+                self.trainable / 1e6,
+                self.global_batch,
+                cfg.max_seq_len,
+                self.device,
+            )
+        window_start, window_tokens = time.perf_counter(), 0
+        window_ce, window_n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.wrapped.train()
+        for step in range(self.start_step, self.total_steps):
+            ce, n_tokens = self.train_step(step)
+            window_ce += ce
+            window_n += n_tokens
+            done = step + 1
+            step_tokens = self.step_positions  # positions processed (SFT padding included)
+            self.tokens_seen += step_tokens
+            window_tokens += step_tokens
+            if done % cfg.log_every == 0 or done == self.total_steps:
+                if dist.is_initialized():
+                    dist.all_reduce(window_ce)
+                ce_sum, tok_sum = window_ce.item(), window_n.item()  # mean over every token since the last log
+                elapsed = time.perf_counter() - window_start
+                speed = window_tokens / elapsed
+                metrics = {
+                    "loss": ce_sum / max(tok_sum, 1),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": speed,
+                }
+                if cfg.grad_clip > 0:
+                    metrics["grad_norm"] = float(self.grad_norm)
+                if peak:
+                    metrics["mfu"] = speed * flops_per_token / (peak * self.world)
+                reporter.log(done, metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    lr=f"{metrics['lr']:.2e}",
+                    tok_s=f"{speed:,.0f}",
+                    **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {}),
+                )
+                window_start, window_tokens = time.perf_counter(), 0
+                window_ce.zero_()
+                window_n.zero_()
+            bar.update(1)
+            if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
+                self.save(done)
+        bar.close()
+        self.save(self.total_steps)
+        final = self.run_dir / "final"
+        self.save_final(final)
+        reporter.close()
+        if self.is_main:
+            log.info("final model written to %s", final)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return final
+
+    def save_final(self, out_dir: Path) -> None:
+        """Gather the full weights, rebuild an unwrapped CPU copy and let the stage save it (HF dir, .pth, adapter)."""
+        model_state, _ = self.full_state()
+        if self.is_main:
+            model_state = {key: value.detach().cpu().clone() for key, value in model_state.items()}
+            from engine.model import MiniMindForCausalLM
+
+            with torch.device("meta"):
+                final = self.stage.prepare_model(MiniMindForCausalLM(self.config), self.cfg)
+            final.load_state_dict(model_state, strict=False, assign=True)
+            if self.config.tie_word_embeddings:
+                final.lm_head.weight = final.model.embed_tokens.weight
+            self.stage.save_final(final.float().eval(), self.tokenizer, self.cfg, out_dir)
+        self.barrier()
