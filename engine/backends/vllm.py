@@ -1,0 +1,222 @@
+"""`VllmBackend`: the server's Backend protocol on vLLM's async engine (vllm.v1 AsyncLLM), for GPU serving.
+
+Serves the Hugging Face directories `minimind convert` writes (llama / qwen3 / qwen3_moe / qwen2_moe), which
+vLLM loads natively. The request → vLLM SamplingParams mapping is a pure function (`vllm_sampling_kwargs`)
+so it is tested without vLLM installed; vLLM itself is imported only when the backend is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from engine.backend import CompletionDelta, EngineStats, ModelInfo, TokenLogprob
+from engine.errors import EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
+from engine.sampling_params import SamplingParams
+
+
+def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` (same field names; only top_k's "off" value differs).
+
+    `output_kind` is left to the caller (it is a vLLM enum): the backend asks for deltas.
+    """
+    return dict(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else -1,  # vLLM: -1 = off in every version since 0.8
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
+        stop=list(params.stop) or None,
+        stop_token_ids=list(params.stop_token_ids) or None,
+        ignore_eos=params.ignore_eos,
+        seed=params.seed,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+        skip_special_tokens=params.skip_special_tokens,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+    )
+
+
+def _token_logprob(token_id: int, position: dict[int, Any], top: int) -> TokenLogprob:
+    """One vLLM logprobs position ({token_id: Logprob(logprob, rank, decoded_token)}) in the engine's form."""
+    chosen = position[token_id]
+    ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+    best = [(tid, lp.decoded_token or "", lp.logprob) for tid, lp in ranked if lp.rank is not None and lp.rank <= top]
+    return TokenLogprob(token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob, top=best)
+
+
+def _prompt_logprobs(ids: list[int], positions: Any, top: int) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = []
+    for token_id, position in zip(ids, positions):
+        out.append(None if position is None else _token_logprob(token_id, position, top))
+    return out
+
+
+class VllmBackend:
+    """Backend protocol over `vllm.v1.engine.async_llm.AsyncLLM` (continuous batching, paged attention)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        served_model_name: str | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_queue: int = 256,
+        dtype: str | None = None,
+        tokenizer: str | None = None,
+        draft_model: str | None = None,
+        num_speculative_tokens: int = 4,
+        lora: str | None = None,
+        gpu_memory_utilization: float = 0.85,
+    ) -> None:
+        if lora is not None:
+            raise InvalidRequestError(
+                "--lora is not supported with --backend vllm: merge the adapter first "
+                "(minimind convert --lora ADAPTER) and serve the merged directory",
+                param="lora",
+            )
+        try:
+            from vllm import AsyncEngineArgs
+        except ImportError as err:
+            raise EngineError(
+                f"--backend vllm needs vLLM installed (pip install 'my-minimind[vllm]' on a GPU machine): {err}"
+            ) from None
+        from transformers import AutoTokenizer
+
+        self.model_path = str(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        speculative = {"model": draft_model, "num_speculative_tokens": num_speculative_tokens} if draft_model else None
+        self.engine_args = AsyncEngineArgs(
+            model=self.model_path,
+            tokenizer=tokenizer or self.model_path,
+            served_model_name=served_model_name,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            dtype=dtype or "auto",
+            gpu_memory_utilization=gpu_memory_utilization,
+            speculative_config=speculative,
+            disable_log_stats=False,
+        )
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.served_model_name = served_model_name or Path(self.model_path.rstrip("/")).name
+        self.engine: Any = None
+        self.in_flight: set[str] = set()
+        self.accepting = True
+        self.info = ModelInfo(
+            name=self.served_model_name,
+            path=self.model_path,
+            max_model_len=max_model_len or 0,
+            vocab_size=len(self.tokenizer),
+            backend="vllm",
+            device="cuda",
+            dtype=dtype or "auto",
+        )
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        model_config = self.engine.model_config
+        self.info.max_model_len = model_config.max_model_len
+        self.info.vocab_size = max(model_config.get_vocab_size(), len(self.tokenizer))
+        self.info.dtype = str(model_config.dtype).removeprefix("torch.")
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        self.accepting = False
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self.in_flight):
+            await self.abort(request_id)
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[CompletionDelta]:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if not self.accepting:
+            raise QueueFullError("the server is shutting down and accepts no new requests")
+        if len(self.in_flight) >= self.max_num_seqs + self.max_queue:
+            raise QueueFullError(
+                f"{len(self.in_flight)} requests are running or waiting (limit {self.max_num_seqs} + "
+                f"--max-queue {self.max_queue}); retry later"
+            )
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        limit = self.info.max_model_len
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context of {limit} tokens",
+                param="max_tokens",
+            )
+        vllm_params = VllmSamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+        generated: dict[int, int] = {}
+        self.in_flight.add(request_id)
+        first = True
+        done = False
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": ids}, vllm_params, request_id):
+                for completion in out.outputs:
+                    generated[completion.index] = generated.get(completion.index, 0) + len(completion.token_ids)
+                    logprobs = None
+                    if params.logprobs is not None and completion.logprobs is not None:
+                        logprobs = [
+                            _token_logprob(tid, position, params.logprobs)
+                            for tid, position in zip(completion.token_ids, completion.logprobs)
+                        ]
+                    prompt_lp = None
+                    if first and params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                        prompt_lp = _prompt_logprobs(ids, out.prompt_logprobs, params.prompt_logprobs)
+                    first = False
+                    yield CompletionDelta(
+                        request_id=request_id,
+                        index=completion.index,
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        logprobs=logprobs,
+                        finished=completion.finish_reason is not None,
+                        finish_reason=completion.finish_reason,
+                        stop_reason=completion.stop_reason,
+                        num_prompt_tokens=len(ids),
+                        num_generated_tokens=generated[completion.index],
+                        prompt_logprobs=prompt_lp,
+                    )
+            done = True
+        finally:
+            self.in_flight.discard(request_id)
+            if not done and self.engine is not None:
+                await self.engine.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self.engine is not None and request_id in self.in_flight:
+            self.in_flight.discard(request_id)
+            await self.engine.abort(request_id)
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        raise InvalidRequestError(
+            "embeddings are served by the native backend only (vLLM needs a separate pooling model); "
+            "start the server with --backend native for /v1/embeddings",
+            param="model",
+        )
+
+    def stats(self) -> EngineStats:
+        # vLLM keeps its scheduler's queue lengths to itself; requests in flight are the closest view
+        running = min(len(self.in_flight), self.max_num_seqs)
+        return EngineStats(
+            running=running,
+            waiting=len(self.in_flight) - running,
+            cache_usage=0.0,
+            free_slots=max(0, self.max_num_seqs - running),
+        )

@@ -1,0 +1,93 @@
+"""`create_app(backend, settings)`: the FastAPI application around any Backend.
+
+The lifespan starts the backend and, on shutdown, drains it (running requests may finish within
+--drain-timeout). `app.state.draining` is set on SIGTERM (see server/cli.py) so new requests get 503 while
+the running ones finish.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.backend import Backend
+from server import routes_chat, routes_completions, routes_embeddings, routes_health, routes_models, routes_tokenize
+from server.auth import check_api_key
+from server.errors import APIError, install_error_handlers
+from server.metrics import ServerMetrics
+from server.settings import Settings
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+class NormalizePath:
+    """`//v1//models/` → `/v1/models`: clients such as Open-WebUI join base URLs with extra slashes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = _SLASHES.sub("/", scope["path"])
+            if len(path) > 1:
+                path = path.rstrip("/")
+            if path != scope["path"]:
+                scope = dict(scope, path=path, raw_path=path.encode())
+        await self.app(scope, receive, send)
+
+
+def admit(request: Request) -> None:
+    """503 for new work once shutdown began; running requests are left to finish."""
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down and accepts no new requests; retry on another replica")
+
+
+def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            await backend.shutdown(drain_timeout=settings.drain_timeout)
+
+    app = FastAPI(
+        title="my-minimind OpenAI-compatible API",
+        version="0.1.0",
+        description="OpenAI-compatible endpoints (chat, completions, embeddings, models) plus tokenize, health, metrics.",
+        lifespan=lifespan,
+    )
+    app.state.backend = backend
+    app.state.settings = settings
+    app.state.metrics = ServerMetrics(backend, backend.info.name)
+    app.state.draining = False
+    app.state.ready = False
+
+    install_error_handlers(app)
+    v1 = [Depends(check_api_key), Depends(admit)]
+    app.include_router(routes_models.router, dependencies=[Depends(check_api_key)])
+    app.include_router(routes_chat.router, dependencies=v1)
+    app.include_router(routes_completions.router, dependencies=v1)
+    app.include_router(routes_embeddings.router, dependencies=v1)
+    app.include_router(routes_tokenize.router)
+    app.include_router(routes_health.router)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(NormalizePath)
+    return app

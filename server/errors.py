@@ -1,0 +1,119 @@
+"""One error shape for every failure: OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+
+FastAPI answers invalid bodies with 422 and its own shape; OpenAI clients expect 400 and this shape, so
+every handler below funnels into `error_response`. Engine errors map to statuses by their class.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.errors import EngineError, InvalidRequestError, QueueFullError
+from minimind.errors import MiniMindError
+
+log = logging.getLogger("minimind.server")
+
+# status -> OpenAI error type
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(MiniMindError):
+    """An HTTP error with OpenAI's fields; raise it anywhere in a route."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
+    """The JSON body of an error (also sent as an SSE event when a stream fails midway)."""
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error"),
+            "param": param,
+            "code": code if code is not None else status,
+        }
+    }
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def api_error_from(exc: Exception) -> APIError:
+    """Map any exception to an APIError: engine errors keep their message, anything else is a 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), code="engine_error")
+    log.exception("unexpected server error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """First problem of a 422, as one sentence naming the field, and the field as `param`."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        ctx = first.get("ctx") or {}
+        return f"request body is not valid JSON: {ctx.get('error', 'parse error')}; send a JSON object", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(loc) or None
+    where = f"field '{field}'" if field else "request body"
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:3]
+    )
+    return f"invalid {where}: {detail}", field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        err = api_error_from(exc)
+        return error_response(err.status, err.message, err.param, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}; see GET /docs for the API"
+        return error_response(exc.status_code, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        err = api_error_from(exc)
+        return error_response(err.status, err.message, err.param, err.code)

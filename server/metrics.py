@@ -1,0 +1,81 @@
+"""Prometheus metrics under vLLM's names with a `minimind:` prefix (dashboards made for vLLM carry over).
+
+Latencies are measured here, on the stream of deltas the server receives, so both backends report the same
+way. Each app gets its own registry, so several servers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from engine.backend import Backend, CompletionDelta
+
+PREFIX = "minimind:"
+# vLLM's bucket edges (seconds), so latency histograms line up with vLLM's.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, backend: Backend, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        r = self.registry
+        self.running = Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch", labels, registry=r)
+        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Requests waiting for a batch slot", labels, registry=r)
+        self.cache_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "KV cache in use, 0..1", labels, registry=r)
+        # read from the engine at scrape time, so the numbers are never stale
+        self.running.labels(model_name).set_function(lambda: backend.stats().running)
+        self.waiting.labels(model_name).set_function(lambda: backend.stats().waiting)
+        self.cache_usage.labels(model_name).set_function(lambda: backend.stats().cache_usage)
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed", labels, registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", labels, registry=r)
+        self.request_success = Counter(
+            f"{PREFIX}request_success", "Finished completions", labels + ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}time_to_first_token_seconds", "Time to first token", labels, buckets=TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            f"{PREFIX}inter_token_latency_seconds",
+            "Time between output deltas",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}e2e_request_latency_seconds", "Request latency", labels, buckets=E2E_BUCKETS, registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def track(self, deltas: AsyncIterator[CompletionDelta], started: float) -> AsyncIterator[CompletionDelta]:
+        """Pass deltas through unchanged, observing TTFT, inter-token latency, e2e latency and token counts."""
+        name = self.model_name
+        last: dict[int, float] = {}
+        counted_prompt = False
+        async for delta in deltas:
+            now = time.perf_counter()
+            if not counted_prompt and delta.num_prompt_tokens:
+                self.prompt_tokens.labels(name).inc(delta.num_prompt_tokens)
+                counted_prompt = True
+            if delta.token_ids:
+                self.generation_tokens.labels(name).inc(len(delta.token_ids))
+                if delta.index in last:
+                    self.itl.labels(name).observe(now - last[delta.index])
+                elif not last:
+                    self.ttft.labels(name).observe(now - started)
+                last[delta.index] = now
+            if delta.finished:
+                self.request_success.labels(name, delta.finish_reason or "stop").inc()
+            yield delta
+        self.e2e.labels(name).observe(time.perf_counter() - started)

@@ -1,0 +1,74 @@
+"""Prompts → token ids: chat messages through the tokenizer's chat template, and plain prompt strings.
+
+Shared by /v1/chat/completions, /v1/completions, /v1/embeddings and /tokenize, so each turns text into
+tokens the same way (vLLM's rules: chat prompts without extra special tokens, plain prompts with them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import APIError
+from server.protocol import ChatMessage, Tool
+
+# chat_template_kwargs may not override the arguments the server itself passes
+_RESERVED = {"conversation", "tools", "add_generation_prompt", "tokenize", "return_dict", "continue_final_message"}
+
+
+def message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it; content-part arrays become their text parts joined by newlines."""
+    content = message.content
+    if isinstance(content, list):
+        content = "\n".join(part.text for part in content if part.type == "text" and part.text is not None)
+    out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    return out
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    *,
+    tools: list[Tool] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text the chat template makes of `messages` (400 if the model has no template or it fails)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400,
+            "this model's tokenizer has no chat template, so /v1/chat/completions cannot format messages; "
+            "use /v1/completions with a plain prompt, or serve a model whose tokenizer_config.json has one",
+            param="messages",
+        )
+    extra = {k: v for k, v in (chat_template_kwargs or {}).items() if k not in _RESERVED}
+    try:
+        return tokenizer.apply_chat_template(
+            [message_dict(m) for m in messages],
+            tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **extra,
+        )
+    except Exception as exc:  # jinja raise_exception(), bad roles, ... : the client's messages, not a crash
+        raise APIError(400, f"the chat template could not format these messages: {exc}", param="messages") from None
+
+
+def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def normalize_prompts(prompt: Any, param: str = "prompt") -> list[str | list[int]]:
+    """OpenAI's prompt/input forms (string, strings, token ids, lists of token ids) as a list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, f"{param} is empty: send a string, a list of strings or a list of token ids", param=param)
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]

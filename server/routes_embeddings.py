@@ -1,0 +1,53 @@
+"""POST /v1/embeddings: mean-pooled, L2-normalised last hidden states (FastGPT needs an embedding model)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from server.errors import APIError
+from server.params import check_model, check_token_ids
+from server.prompts import encode, normalize_prompts
+from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+
+router = APIRouter(tags=["embeddings"])
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
+    backend = request.app.state.backend
+    info = backend.info
+    check_model(body.model, backend)
+    batch = []
+    for text in normalize_prompts(body.input, "input"):
+        ids = encode(backend.tokenizer, text, add_special_tokens=True) if isinstance(text, str) else text
+        if not ids:
+            raise APIError(400, "input: an empty string has no tokens to embed", param="input")
+        check_token_ids(ids, info.vocab_size, "input")
+        if len(ids) > info.max_model_len:
+            raise APIError(
+                400,
+                f"input has {len(ids)} tokens, more than this model's maximum context length of "
+                f"{info.max_model_len} tokens; split it into shorter pieces",
+                param="input",
+            )
+        batch.append(ids)
+    vectors = await backend.embed(batch)
+    if body.dimensions is not None and body.dimensions != len(vectors[0]):
+        raise APIError(
+            400,
+            f"dimensions={body.dimensions} is not supported: this model's embeddings have {len(vectors[0])} dimensions",
+            param="dimensions",
+        )
+    data = []
+    for i, vector in enumerate(vectors):
+        if body.encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
+            embedding: list[float] | str = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        else:
+            embedding = [float(x) for x in vector]
+        data.append(EmbeddingData(index=i, embedding=embedding))
+    tokens = sum(len(ids) for ids in batch)
+    return EmbeddingResponse(data=data, model=info.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -1,0 +1,24 @@
+"""GET /health (load balancers, compose healthchecks) and GET /metrics (Prometheus); both need no key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 while serving; 503 before the engine is up and once shutdown began."""
+    state = request.app.state
+    if state.draining or not state.ready:
+        return JSONResponse({"status": "draining" if state.draining else "starting"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

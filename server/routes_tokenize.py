@@ -1,0 +1,39 @@
+"""POST /tokenize and /detokenize (vLLM's extension): the served tokenizer, for clients that count tokens."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from server.errors import APIError
+from server.params import check_model, check_token_ids
+from server.prompts import encode, render_chat
+from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+
+router = APIRouter(tags=["tokenizer"])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    backend = request.app.state.backend
+    check_model(body.model, backend)
+    if body.messages:
+        text = render_chat(
+            backend.tokenizer,
+            body.messages,
+            chat_template_kwargs=body.chat_template_kwargs,
+            add_generation_prompt=body.add_generation_prompt,
+        )
+        tokens = encode(backend.tokenizer, text, add_special_tokens=False)
+    elif body.prompt is not None:
+        tokens = encode(backend.tokenizer, body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        raise APIError(400, "send either 'prompt' (a string) or 'messages' (a chat)", param="prompt")
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=backend.info.max_model_len)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    backend = request.app.state.backend
+    check_model(body.model, backend)
+    check_token_ids(body.tokens, backend.info.vocab_size, "tokens")
+    return DetokenizeResponse(prompt=backend.tokenizer.decode(body.tokens))

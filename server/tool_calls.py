@@ -1,0 +1,88 @@
+"""`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in model output → OpenAI `tool_calls`.
+
+This is the Hermes/Qwen convention that MiniMind's and Qwen's chat templates teach. Hand-written because
+it is a few lines of the product's own format; only used when the request lists `tools`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from server.protocol import FunctionCall, ToolCall, random_id
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
+
+
+def _to_call(body: str) -> ToolCall | None:
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(id=random_id("call_"), function=FunctionCall(name=data["name"], arguments=arguments))
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content outside the calls or None, calls). Text whose calls are not valid JSON stays content."""
+    if OPEN not in text:
+        return text, []
+    calls = [_to_call(m.group(1)) for m in _CALL.finditer(text)]
+    if not calls or any(call is None for call in calls):
+        return text, []
+    content = _CALL.sub("", text).strip()
+    return content or None, [call for call in calls if call is not None]
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """The stream form: one entry per call with its index, id, name and whole arguments string."""
+    return [
+        {
+            "index": i,
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.function.name, "arguments": c.function.arguments},
+        }
+        for i, c in enumerate(calls)
+    ]
+
+
+class ToolCallStreamParser:
+    """Passes content through until a `<tool_call>` starts, then holds the rest until the stream ends.
+
+    A partial `<tool_call` at the end of a delta is held back too, so the tag never leaks into content.
+    """
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.in_call = False
+
+    def feed(self, delta: str) -> str:
+        if self.in_call:
+            self.held += delta
+            return ""
+        text = self.held + delta
+        start = text.find(OPEN)
+        if start >= 0:
+            self.in_call = True
+            self.held = text[start:]
+            return text[:start]
+        keep = max((k for k in range(1, len(OPEN)) if text.endswith(OPEN[:k])), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content still to emit, parsed calls) at the end of the stream."""
+        held, self.held = self.held, ""
+        if not self.in_call:
+            return held, []
+        content, calls = parse_tool_calls(held)
+        if not calls:
+            return held, []
+        return content or "", calls
