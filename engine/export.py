@@ -207,7 +207,7 @@ def write_hf_dir(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         generation_config(config, tokenizer).save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp, save_jinja_files=False)  # template inside tokenizer_config.json
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
