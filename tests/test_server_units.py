@@ -1,0 +1,187 @@
+"""Server parts that need no running engine: settings, request mapping, tool-call parsing, SSE error framing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from engine.backends.vllm import vllm_sampling_kwargs
+from engine.errors import EngineError
+from engine.sampling_params import SamplingParams
+from server import settings as settings_mod
+from server.errors import APIError
+from server.params import resolve_max_tokens, sampling_params
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.streaming import sse_response
+from server.tool_calls import ToolCallStreamParser, parse_tool_calls
+
+
+def parse(argv: list[str], env: dict[str, str]) -> settings_mod.Settings:
+    parser = argparse.ArgumentParser()
+    settings_mod.add_arguments(parser)
+    return settings_mod.from_args(parser.parse_args(argv), env)
+
+
+def test_settings_flag_beats_env_beats_default():
+    s = parse(["--port", "9001"], {"MINIMIND_PORT": "9002", "MINIMIND_MAX_NUM_SEQS": "8"})
+    assert s.port == 9001 and s.max_num_seqs == 8 and s.host == "0.0.0.0" and s.backend == "native"
+
+
+def test_settings_lists_repeatable_flags_and_comma_separated_env():
+    assert parse(["--api-key", "a", "--api-key", "b"], {}).api_key == ["a", "b"]
+    env = {"MINIMIND_API_KEY": "x, y", "MINIMIND_CORS_ORIGINS": "http://localhost:3000"}
+    s = parse([], env)
+    assert s.api_key == ["x", "y"] and s.cors_origins == ["http://localhost:3000"]
+
+
+def test_settings_every_option_has_an_env_variable():
+    env = {
+        "MINIMIND_MODEL": "m",
+        "MINIMIND_BACKEND": "vllm",
+        "MINIMIND_HOST": "127.0.0.1",
+        "MINIMIND_SERVED_MODEL_NAME": "n",
+        "MINIMIND_MAX_MODEL_LEN": "128",
+        "MINIMIND_MAX_QUEUE": "3",
+        "MINIMIND_DRAFT_MODEL": "d",
+        "MINIMIND_NUM_SPECULATIVE_TOKENS": "2",
+        "MINIMIND_LORA": "l",
+        "MINIMIND_DTYPE": "bfloat16",
+        "MINIMIND_DEVICE": "cpu",
+        "MINIMIND_DRAIN_TIMEOUT": "1.5",
+    }
+    s = parse([], env)
+    assert (s.model, s.backend, s.host, s.served_model_name, s.max_model_len, s.max_queue) == (
+        "m",
+        "vllm",
+        "127.0.0.1",
+        "n",
+        128,
+        3,
+    )
+    assert (s.draft_model, s.num_speculative_tokens, s.lora, s.dtype, s.device, s.drain_timeout) == (
+        "d",
+        2,
+        "l",
+        "bfloat16",
+        "cpu",
+        1.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"MINIMIND_PORT": "eighty"}, "MINIMIND_PORT='eighty'"),
+        ({"MINIMIND_BACKEND": "tgi"}, "native, vllm"),
+        ({"MINIMIND_PORT": "70000"}, "--port must be between 1 and 65535"),
+    ],
+)
+def test_settings_bad_values_say_what_and_how(env, needle):
+    with pytest.raises(settings_mod.SettingsError, match=None) as err:
+        parse([], env)
+    assert needle in str(err.value)
+
+
+def test_request_maps_onto_sampling_params_with_vllm_names():
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 7,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "presence_penalty": 0.3,
+            "frequency_penalty": 0.2,
+            "n": 2,
+            "stop": "END",
+            "seed": 42,
+            "ignore_eos": True,
+            "min_tokens": 2,
+            "stop_token_ids": [5],
+            "an_unknown_field": {"is": "ignored"},
+        }
+    )
+    params = sampling_params(body, max_tokens=10, vocab_size=100, logprobs=3)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.5, 0.9, 7, 0.05)
+    assert (params.repetition_penalty, params.presence_penalty, params.frequency_penalty) == (1.1, 0.3, 0.2)
+    assert (params.n, params.stop, params.seed, params.ignore_eos, params.min_tokens) == (2, ["END"], 42, True, 2)
+    assert (params.stop_token_ids, params.max_tokens, params.logprobs) == ([5], 10, 3)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"n": 0}, "n"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"seed": 2**70}, "seed"),
+        ({"stop_token_ids": [100]}, "stop_token_ids"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+    ],
+)
+def test_bad_sampling_fields_are_400_naming_the_field(fields, param):
+    body = CompletionRequest.model_validate({"prompt": "x", **fields})
+    with pytest.raises(APIError) as err:
+        sampling_params(body, max_tokens=4, vocab_size=100)
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_context_overflow_names_both_numbers():
+    with pytest.raises(APIError) as err:
+        resolve_max_tokens(100, 200, 256, "max_tokens")
+    assert err.value.status == 400 and "100" in err.value.message and "200" in err.value.message
+    assert resolve_max_tokens(100, None, 256, "max_tokens") == 156
+
+
+def test_vllm_mapping_is_one_to_one_and_top_k_off_is_minus_one():
+    params = SamplingParams(
+        n=3, temperature=0.7, top_k=0, stop=["x"], seed=1, logprobs=2, prompt_logprobs=1, max_tokens=9
+    )
+    kwargs = vllm_sampling_kwargs(params)
+    assert kwargs["top_k"] == -1 and kwargs["n"] == 3 and kwargs["temperature"] == 0.7
+    assert kwargs["stop"] == ["x"] and kwargs["stop_token_ids"] is None and kwargs["seed"] == 1
+    assert (kwargs["logprobs"], kwargs["prompt_logprobs"], kwargs["max_tokens"]) == (2, 1, 9)
+    # every engine field reaches vLLM under the same name
+    assert set(SamplingParams.__dataclass_fields__) == set(kwargs)
+    assert vllm_sampling_kwargs(SamplingParams(top_k=5))["top_k"] == 5
+
+
+def test_tool_calls_parse_whole_and_streamed():
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me check."
+    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert calls[0].id.startswith("call_")
+    assert parse_tool_calls("<tool_call>not json</tool_call>")[1] == []
+
+    parser = ToolCallStreamParser()
+    pieces = [
+        "Let me",
+        " check.\n<tool",
+        '_call>\n{"name": "get_weather", ',
+        '"arguments": {"city": "Paris"}}\n</tool_call>',
+    ]
+    shown = "".join(parser.feed(p) for p in pieces)
+    rest, streamed = parser.finish()
+    assert "<tool" not in shown and shown + rest == "Let me check.\n"
+    assert streamed[0].function.name == "get_weather"
+
+
+def test_engine_failure_mid_stream_sends_error_event_then_done():
+    async def events():
+        yield {"n": 1}
+        raise EngineError("the engine broke: out of memory")
+
+    app = FastAPI()
+    app.get("/s")(lambda: sse_response(events()))
+    with TestClient(app) as client:
+        lines = [line for line in client.get("/s").text.splitlines() if line.startswith("data: ")]
+    assert lines[0] == 'data: {"n":1}'
+    error = json.loads(lines[1][len("data: ") :])["error"]
+    assert error["message"] == "the engine broke: out of memory" and error["code"] == "engine_error"
+    assert lines[2] == "data: [DONE]"
