@@ -108,8 +108,11 @@ def read_checkpoint(
 
 
 def build_model(config: MiniMindConfig, state: dict[str, torch.Tensor], where: str) -> MiniMindForCausalLM:
-    """Our model with exactly these weights; built on the meta device so no random init is wasted."""
-    with torch.device("meta"):
+    """Our model with exactly these weights; parameters start on the meta device so no random init is wasted
+    (accelerate's init_empty_weights, not a meta device context: RoPE tables must still be computed)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
         model = MiniMindForCausalLM(config)
     state = check_state_dict(state, model.state_dict(), config, where)
     model.load_state_dict(state, strict=False, assign=True)
