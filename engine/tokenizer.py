@@ -86,12 +86,19 @@ def train_tokenizer(data: str | Path, vocab_size: int = 6400, num_reserved: int 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text round-trips
         show_progress=False,
     )
-    texts = iter_texts(data)
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal seen
+        for text in iter_texts(data):
+            seen += 1
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen == 0:
+        raise TokenizerDataError(f"{data}: no training text found (the file has no non-empty lines)")
     # The tags were placed at fixed ids as specials; re-register them as ordinary added tokens.
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    if tok.get_vocab_size() < 256 + len(fixed):
-        raise TokenizerDataError(f"{data}: no training text found")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",
