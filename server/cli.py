@@ -67,8 +67,13 @@ def build_backend(settings: Settings) -> Any:
 
 def serve(settings: Settings) -> None:
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
     from server.app import create_app
+
+    # sse-starlette would end every open stream on SIGTERM; we drain them instead (uvicorn's graceful
+    # shutdown waits up to --drain-timeout, then the backend aborts what is left).
+    AppStatus.disable_automatic_graceful_drain()
 
     backend = build_backend(settings)
     app = create_app(backend, settings)

@@ -55,6 +55,13 @@ class ServerMetrics:
             f"{PREFIX}e2e_request_latency_seconds", "Request latency", labels, buckets=E2E_BUCKETS, registry=r
         )
 
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e):
+            metric.labels(model_name)  # export zeros before the first request, so scrapers see every series
+
+    def record_abort(self) -> None:
+        """A request that ended early (client gone, error): counted as finished with reason "abort", as vLLM does."""
+        self.request_success.labels(self.model_name, "abort").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -42,6 +42,7 @@ async def run_backend(
         done = True
     finally:
         if not done:
+            state.metrics.record_abort()
             # shielded: when a disconnect cancels the surrounding task, the abort must still run
             with anyio.CancelScope(shield=True):
                 await state.backend.abort(request_id)
