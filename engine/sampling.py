@@ -5,11 +5,13 @@ and can be captured in a CUDA graph: `sample()` never reads a tensor back to the
 flags (`do_top_k`, ...) only skip work that no row needs; a caller capturing a graph builds the tensors
 with `all_features=True` so the captured graph is valid for any later batch.
 
-Randomness without host syncs or per-request generators: row b at decode step t draws its noise from a
-counter-based hash of (seed_b, t, token id), and samples `argmax(probs / Exponential(1))` (as gpt-fast
-does; this is the exponential-race form of sampling from `probs`). A request's samples therefore depend
-only on its own seed and step, never on its batch neighbours or on when it joined the batch. Requests
-without a seed get a random one drawn on the host when their tensors are built.
+Randomness without host syncs or per-request generators: row b at decode step t draws one uniform number
+u from a counter-based hash of (seed_b, t) and takes the token where the cumulative distribution crosses
+u (inverse-CDF sampling: a cumsum and a binary search). A request's samples therefore depend only on its
+own seed and step, never on its batch neighbours or on when it joined the batch. Requests without a seed
+get a random one drawn on the host when their tensors are built. (gpt-fast's argmax(probs / Exponential)
+needs a random number per vocabulary entry; hashing those cost ~60 elementwise kernels over [B, V],
+measured 6x slower on an H100, so one number per row it is.)
 
 Semantics follow vLLM:
 - temperature 0 is greedy: argmax of the penalised logits, no randomness.
@@ -50,7 +52,7 @@ class SamplingTensors:
     frequency_penalty: torch.Tensor  # float32
     min_tokens: torch.Tensor  # int64
     stop_ids: torch.Tensor  # int64 [B, S]: EOS + stop_token_ids masked under min_tokens, padded with vocab_size
-    seeds: torch.Tensor  # int64 in [0, 2**63)
+    seeds: torch.Tensor  # int64 in [0, 2**32): each row's seed folded to a 32-bit key (`seed_key`)
     # Python flags: skip work no row needs. Never read from tensors, so they cost no host sync.
     do_penalties: bool = True
     do_top_k: bool = True
@@ -104,7 +106,7 @@ class SamplingTensors:
             frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
             min_tokens=col([p.min_tokens for p in params], torch.int64),
             stop_ids=col(stop_ids, torch.int64),
-            seeds=col([row_seed(p.seed, i) for p, i in zip(params, indices)], torch.int64),
+            seeds=col([seed_key(row_seed(p.seed, i)) for p, i in zip(params, indices)], torch.int64),
             do_penalties=all_features
             or any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
             do_top_k=all_features or any(0 < p.top_k < vocab_size for p in params),
@@ -135,10 +137,10 @@ def row_seed(seed: int | None, index: int = 0) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) % (1 << 63)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32); elementwise,
-    so it runs the same on CPU, GPU and in a CUDA graph. (torch has no counter-based RNG that takes a
-    per-row key, hence this small hand-written one.)"""
+def _hash32(x):
+    """A 32-bit integer mixing function (Thomas Mueller's), on Python ints or int64 tensors holding values in
+    [0, 2**32); elementwise, so it runs the same on CPU, GPU and in a CUDA graph. (torch has no
+    counter-based RNG that takes a per-row key, hence this small hand-written one.)"""
     x = x ^ (x >> 16)
     x = (x * _HASH_MULT) & _MASK32
     x = x ^ (x >> 16)
@@ -146,15 +148,40 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, width: int, salt: int = 0) -> torch.Tensor:
-    """Uniform noise in (0, 1), shape [B, width], a pure function of (seed_b, step_b, column, salt).
+def seed_key(seed: int) -> int:
+    """Fold a 63-bit seed into the 32-bit key the device-side hash takes (done once, on the host)."""
+    return _hash32((seed & _MASK32) ^ _hash32((seed >> 32) & _MASK32))
 
+
+def _step_key(seeds: torch.Tensor, steps: torch.Tensor, salt: int) -> torch.Tensor:
+    mixed = (steps.to(torch.int64) * 0x9E3779B1 + salt * 0x7F4A7C15) & _MASK32
+    return _hash32(seeds ^ mixed)
+
+
+def _to_unit(bits: torch.Tensor) -> torch.Tensor:
+    return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 bits: exact in float32, never 0 or 1
+
+
+def row_uniform(seeds: torch.Tensor, steps: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, [B], a pure function of (seed key, step, salt).
     `salt` separates independent draws at the same step (speculative decoding uses several)."""
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    key = _hash32(_hash32(_hash32(lo) ^ hi) ^ ((steps.to(torch.int64) + salt * 0x3C6EF372) & _MASK32))
+    return _to_unit(_step_key(seeds, steps, salt))
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, width: int, salt: int = 0) -> torch.Tensor:
+    """[B, width] uniform numbers in (0, 1), a pure function of (seed key, step, column, salt)."""
     cols = _hash32(torch.arange(width, device=seeds.device, dtype=torch.int64) + 0x27D4EB2F)
-    bits = _hash32(cols.unsqueeze(0) ^ key.unsqueeze(1))
-    return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+    return _to_unit(_hash32(cols.unsqueeze(0) ^ _step_key(seeds, steps, salt).unsqueeze(1)))
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row the first token whose cumulative probability exceeds u * total.
+    probs [B, V] need not be normalised; zero-probability tokens are never picked."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Kept strictly below the total, so rounding in u * total can never step past the last likely token.
+    target = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
 def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -276,9 +303,7 @@ def sample(
     if t.all_greedy:
         token_ids = greedy_ids
     else:
-        probs = processed.softmax(dim=-1)
-        exponential = -torch.log(uniform_noise(t.seeds, output_lens, probs.shape[1]))
-        sampled = (probs / exponential).argmax(dim=-1)
+        sampled = sample_from_probs(processed.softmax(dim=-1), row_uniform(t.seeds, output_lens))
         token_ids = torch.where(t.greedy, greedy_ids, sampled)
     out = SamplerOutput(token_ids=token_ids)
     if t.num_logprobs is not None:

@@ -10,7 +10,7 @@ Greedy needs no special case: with one-hot p and q (what `sampling.probs_for_sam
 a draft token is accepted iff it equals the target's argmax, and the replacement is the target's argmax.
 `greedy_accept` states that rule on token ids for callers that never build probabilities.
 
-Randomness comes from `sampling.uniform_noise` keyed by (seed, step), so no host sync and no per-row
+Randomness comes from `sampling.uniform_noise` / `row_uniform` keyed by (seed, step), so no host sync and no per-row
 generator is needed, and a seeded request stays reproducible.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling import uniform_noise
+from engine.sampling import row_uniform, sample_from_probs, uniform_noise
 
 _SALT_ACCEPT, _SALT_RESAMPLE = 101, 102  # keep these draws apart from the sampler's own (salt 0)
 
@@ -34,7 +34,8 @@ def rejection_sample(
 
     draft_token_ids: [B, k] int64; draft_probs: [B, k, V] (q_i, the distributions they were sampled from);
     target_probs: [B, k+1, V] (p_i, after the request's own penalties/temperature/top-k/top-p);
-    seeds, steps: [B] int64 (`SamplingTensors.seeds` and the row's output length before this round).
+    seeds, steps: [B] int64 (`SamplingTensors.seeds`, i.e. seed keys, and the row's output length before
+    this round).
 
     Returns (num_accepted [B] in 0..k, next_token [B]): the row emits
     draft_token_ids[:num_accepted] followed by next_token.
@@ -54,8 +55,7 @@ def rejection_sample(
     residual = (p_next - q_padded.gather(1, index).squeeze(1)).clamp(min=0)
     # A rejection implies p(x) < q(x), so the residual has mass unless rounding ate it; then fall back to p.
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_next)
-    exponential = -torch.log(uniform_noise(seeds, steps, vocab, salt=_SALT_RESAMPLE))
-    next_token = (residual / exponential).argmax(dim=-1)  # samples proportionally; no need to normalise
+    next_token = sample_from_probs(residual, row_uniform(seeds, steps, salt=_SALT_RESAMPLE))
     return num_accepted, next_token
 
 

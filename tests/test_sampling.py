@@ -12,7 +12,9 @@ from engine.sampling import (
     process_logits,
     record_tokens,
     row_seed,
+    row_uniform,
     sample,
+    sample_from_probs,
     token_counts,
     uniform_noise,
 )
@@ -200,6 +202,23 @@ def test_uniform_noise_is_uniform_and_keyed():
     assert torch.equal(u[0], again[0])
 
 
+def test_sample_from_probs_is_the_inverse_cdf():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).expand(7, 6)
+    u = torch.tensor([1e-7, 0.19, 0.21, 0.69, 0.71, 0.999, 1.0])
+    assert sample_from_probs(probs, u).tolist() == [1, 1, 3, 3, 4, 4, 4]  # zero-probability tokens never
+    assert sample_from_probs(probs * 3, u).tolist() == [1, 1, 3, 3, 4, 4, 4]  # unnormalised is fine
+
+
+def test_row_uniform_is_uniform_over_seeds_and_over_steps():
+    over_seeds = row_uniform(torch.arange(50_000), torch.zeros(50_000, dtype=torch.int64))
+    over_steps = row_uniform(torch.full((50_000,), 12345), torch.arange(50_000))
+    for u in (over_seeds, over_steps):
+        assert 0 < u.min().item() and u.max().item() < 1
+        assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 1 / math.sqrt(12)) < 0.01
+        assert torch.histc(u, bins=10, min=0, max=1).min().item() > 4_700  # about 5,000 per bin
+    assert not torch.equal(row_uniform(torch.arange(5), torch.zeros(5), salt=1), over_seeds[:5])
+
+
 def test_logprobs_are_of_the_raw_distribution_with_top_n():
     raw = LOGITS.log_softmax(dim=-1)[0]
     t = tensors(SamplingParams(temperature=0.5, top_k=2, seed=3, logprobs=3))
@@ -223,3 +242,35 @@ def test_all_features_tensors_give_the_same_result():
     a = sample(logits, tensors(*params), steps(3, 2)).token_ids
     b = sample(logits, tensors(*params, all_features=True), steps(3, 2), torch.zeros(3, V, dtype=torch.bool)).token_ids
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sample_runs_inside_a_cuda_graph_with_the_eager_result():
+    """Captured once with every stage on, replayed for new logits and steps: same tokens as eager."""
+    batch, vocab, device = 8, 1000, "cuda"
+    params = [
+        SamplingParams(seed=i, temperature=0 if i % 3 == 0 else 0.9, top_k=i * 7, top_p=0.9, min_p=0.02 * (i % 2))
+        for i in range(batch)
+    ]
+    t = SamplingTensors.from_params(params, vocab, device, eos_token_ids=[2], all_features=True)
+    logits = torch.randn(batch, vocab, device=device)
+    lens = torch.zeros(batch, dtype=torch.int64, device=device)
+    prompt_mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    counts = torch.zeros(batch, vocab, dtype=torch.int32, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up outside the graph
+            sample(logits, t, lens, prompt_mask, counts)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = sample(logits, t, lens, prompt_mask, counts).token_ids
+    gen = torch.Generator(device=device).manual_seed(0)
+    for step in range(5):
+        logits.copy_(torch.randn(batch, vocab, device=device, generator=gen))
+        lens.fill_(step)
+        graph.replay()
+        expected = sample(logits, t, lens, prompt_mask, counts).token_ids
+        assert torch.equal(static_out, expected)
+        record_tokens(counts, expected)
