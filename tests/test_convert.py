@@ -226,3 +226,26 @@ def test_cli_convert_and_errors(upstream_fixtures, tmp_path, capsys):
     assert "cannot convert to qwen3" in capsys.readouterr().err
     model, _ = load_model(tmp_path / "out")
     assert model.config.num_hidden_layers == 2
+
+
+def test_merge_lora_matches_peft_merge(upstream_fixtures, tmp_path):
+    """--merge-lora with an adapter saved by PEFT gives PEFT's own merged model, through convert and load_model."""
+    from peft import LoraConfig, get_peft_model
+
+    base = randomize(tiny_model())
+    tokenizer = load_tokenizer(upstream_fixtures / "minimind2-dense")
+    src = write_hf_dir(tmp_path / "src", base.config, base.state_dict(), tokenizer)
+    peft_model = get_peft_model(
+        randomize(tiny_model()), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = logits(peft_model.merge_and_unload().eval(), IDS)
+
+    out, _ = convert(src, tmp_path / "out", "llama", merge_lora=tmp_path / "adapter")
+    assert (logits(reload(out), IDS) - expected).abs().max().item() <= 1e-4
+    merged, _ = load_model(src, lora=tmp_path / "adapter")
+    assert (logits(merged, IDS) - expected).abs().max().item() <= 1e-4
