@@ -210,10 +210,9 @@ def _read_pth(
     head = state.get("lm_head.weight")
     embed = state.get("model.embed_tokens.weight")
     fields["tie_word_embeddings"] = head is None or (embed is not None and torch.equal(head, embed))
-    if fields.get("use_moe") and "n_shared_experts" not in fields:
-        fields["n_shared_experts"] = len(
-            {k.split(".shared_experts.")[1].split(".")[0] for k in state if ".shared_experts." in k}
-        )
+    if fields.get("use_moe"):  # upstream minimind-3 configs do not name it; the weights always tell
+        shared = {k.split(".shared_experts.")[1].split(".")[0] for k in state if ".shared_experts." in k}
+        fields["n_shared_experts"] = len(shared)
     where = str(config_file or path)
     try:
         model_config = MiniMindConfig(**fields)

@@ -252,3 +252,30 @@ def test_directory_without_weights(upstream_fixtures, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "upstream_config, overrides, target",
+    [
+        # minimind-3 MoE names (num_experts, router_aux_loss_coef), no shared experts, top-1
+        ({"num_experts": 4, "num_experts_per_tok": 1, "router_aux_loss_coef": 0.0005}, {"qk_norm": True}, "qwen3_moe"),
+        # MiniMind2-MoE names, one shared expert, top-2
+        ({"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1}, {}, "qwen2_moe"),
+    ],
+)
+def test_upstream_moe_pth(upstream_fixtures, tmp_path, upstream_config, overrides, target):
+    from engine.convert import convert
+
+    moe = {k: v for k, v in upstream_config.items() if k in ("num_experts_per_tok", "n_shared_experts")}
+    moe["n_routed_experts"] = 4
+    ours = randomize(tiny_model(use_moe=True, **moe, **overrides))
+    torch.save(ours.state_dict(), tmp_path / "moe.pth")
+    config = {**TINY_HF, "intermediate_size": 128, "use_moe": True, "flash_attn": False, **upstream_config}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(tmp_path / "moe.pth", tokenizer=upstream_fixtures / "minimind2-dense")
+    assert model.config.n_shared_experts == upstream_config.get("n_shared_experts", 0)
+    assert torch.equal(logits(model, IDS), logits(ours, IDS))
+    _, used = convert(tmp_path / "moe.pth", tmp_path / "out", "auto", tokenizer=upstream_fixtures / "minimind2-dense")
+    assert used == target
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (logits(plain, IDS) - logits(ours, IDS)).abs().max().item() <= 1e-4
