@@ -62,7 +62,7 @@ def sidebar() -> dict[str, Any]:
             "Past turns sent", 0, 20, 4, key="history_turns", help="How many earlier exchanges go with a message."
         )
         thinking = st.toggle("Thinking", value=False, key="thinking", help="Let the model reason before answering.")
-        st.button("Clear chat", on_click=clear_chat, use_container_width=True)
+        st.button("Clear chat", on_click=clear_chat, icon=":material/delete:")
     return {
         "api_base": api_base,
         "api_key": api_key,
@@ -99,14 +99,14 @@ def draw_answer(message: dict[str, Any], *, last: bool) -> None:
         st.markdown(message["content"])
     if message.get("error"):
         st.error(message["error"])
-    footer = st.columns([6, 1, 2])
+    footer = st.columns([5, 2, 2])
     if message.get("stats"):
         footer[0].caption(message["stats"])
     if message["content"]:
-        with footer[1].popover("Copy", help="The answer as plain text, with a copy button"):
+        with footer[1].popover("Copy", icon=":material/content_copy:", help="The answer as plain text, to copy"):
             st.code(message["content"], language=None, wrap_lines=True)
     if last:
-        footer[2].button("Regenerate", key="regenerate", on_click=regenerate, use_container_width=True)
+        footer[2].button("Regenerate", key="regenerate", on_click=regenerate, icon=":material/refresh:")
 
 
 def stream_answer(settings: dict[str, Any], prompt: str, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ trap cleanup EXIT
 pids+=($!)
 MINIMIND_API_BASE="http://127.0.0.1:$API_PORT/v1" .venv/bin/streamlit run webui/app.py \
     --server.address=127.0.0.1 --server.port="$UI_PORT" --server.headless=true \
-    --browser.gatherUsageStats=false >"$LOGS/webui.log" 2>&1 &
+    --browser.gatherUsageStats=false --client.toolbarMode=minimal >"$LOGS/webui.log" 2>&1 &
 pids+=($!)
 
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$API_PORT/health" >/dev/null && break; sleep 1; done

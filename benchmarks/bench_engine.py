@@ -1,0 +1,253 @@
+"""Native engine vs HF transformers `generate` on the same model, in one run.
+
+Measures, per model:
+- batch-1 decode: greedy, `--new-tokens` (256) new tokens after a short prompt, tok/s (wall time of the whole call);
+- batched throughput: N requests (`--batches`, default 64/256/1024) of `--prompt-len` (128) random prompt tokens and
+  `--output-len` (128) output tokens, EOS ignored, output tok/s;
+- speculative decoding (`--spec`): a 16-layer target and a 2-layer draft trained briefly on the same synthetic
+  Markov-chain data (random weights accept nothing), batch-1 speed-up and acceptance rate, greedy identity checked.
+
+Results are printed as a table and saved as JSON with the device name, torch version and date.
+
+    python benchmarks/bench_engine.py --device cuda --preset minimind2-small --preset minimind2 --spec
+    python benchmarks/bench_engine.py --device cpu --model default --batches 4 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import MiniMindConfig  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.model import MiniMindForCausalLM  # noqa: E402
+from engine.presets import PRESETS  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def random_model(preset: str, dtype: torch.dtype, device: str, **overrides) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    config = MiniMindConfig(**{**PRESETS[preset], "max_position_embeddings": 4096, **overrides})
+    return MiniMindForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def hf_generate(model, prompts: torch.Tensor, new_tokens: int, device: str) -> tuple[float, list[int]]:
+    """Seconds for HF greedy generate of exactly new_tokens (EOS off), and the first row's new tokens."""
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+    sync(device)
+    return time.perf_counter() - start, out[0, prompts.shape[1] :].tolist()
+
+
+def engine_generate(llm: LLM, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[float, list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    sync(device)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync(device)
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return time.perf_counter() - start, outs[0].outputs[0].token_ids
+
+
+def bench_model(name: str, model, tokenizer, args, device: str) -> dict:
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    short = torch.randint(10, vocab, (1, 16), generator=gen)
+    row: dict = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
+    max_len = args.prompt_len + args.output_len + args.new_tokens + 16
+    llm = LLM(model, tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=max(args.batches + [1]))
+    # Batch 1 (warm-up first: graph capture, allocator).
+    engine_generate(llm, [short[0].tolist()], args.new_tokens, device)
+    hf_generate(model, short.to(device), 8, device)
+    t_ours, ours = engine_generate(llm, [short[0].tolist()], args.new_tokens, device)
+    row["engine_b1_tok_s"] = round(args.new_tokens / t_ours, 1)
+    if not args.skip_hf:
+        t_hf, ref = hf_generate(model, short.to(device), args.new_tokens, device)
+        row["hf_b1_tok_s"] = round(args.new_tokens / t_hf, 1)
+        same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+        row["b1_tokens_identical_to_hf"] = same  # leading tokens equal (bf16 may flip a near-tie late)
+    print(f"[{name}] batch 1: {row}", flush=True)
+    for n in args.batches:
+        prompts = torch.randint(10, vocab, (n, args.prompt_len), generator=gen)
+        engine_generate(llm, prompts[: min(n, 8)].tolist(), 4, device)
+        t_ours, _ = engine_generate(llm, prompts.tolist(), args.output_len, device)
+        row[f"engine_{n}_out_tok_s"] = round(n * args.output_len / t_ours, 1)
+        if not args.skip_hf and n <= args.hf_max_batch:
+            t_hf, _ = hf_generate(model, prompts.to(device), args.output_len, device)
+            row[f"hf_{n}_out_tok_s"] = round(n * args.output_len / t_hf, 1)
+        print(f"[{name}] {n} requests: {row}", flush=True)
+    return row
+
+
+def markov_batch(table: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Token streams from a fixed random Markov chain: the successor is table[token] 80% of the time, else random."""
+    vocab = table.shape[0]
+    seq = torch.empty(batch, length, dtype=torch.long)
+    seq[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
+    for t in range(1, length):
+        follow = torch.rand(batch, generator=gen) < 0.8
+        seq[:, t] = torch.where(follow, table[seq[:, t - 1]], torch.randint(0, vocab, (batch,), generator=gen))
+    return seq
+
+
+def train(model, table: torch.Tensor, steps: int, device: str) -> float:
+    gen = torch.Generator().manual_seed(2)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        batch = markov_batch(table, 32, 128, gen).to(device)
+        with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss)
+
+
+def bench_spec(tokenizer, args, device: str, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    vocab = 6400
+    table = torch.randint(0, vocab, (vocab,), generator=torch.Generator().manual_seed(3))
+    target = random_model(args.spec_target, torch.float32, device)
+    draft = random_model(args.spec_target, torch.float32, device, num_hidden_layers=2)
+    t0 = time.perf_counter()
+    target_loss = train(target, table, args.spec_steps, device)
+    draft_loss = train(draft, table, args.spec_steps, device)
+    train_s = time.perf_counter() - t0
+    target, draft = target.to(dtype), draft.to(dtype)
+    prompt = markov_batch(table, 1, 16, torch.Generator().manual_seed(4))[0].tolist()
+    max_len = 16 + args.new_tokens + 16
+    plain = LLM(target, tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=4)
+    spec = LLM(
+        target,
+        tokenizer=tokenizer,
+        device=device,
+        max_model_len=max_len,
+        max_num_seqs=4,
+        draft_model=draft,
+        num_speculative_tokens=args.spec_k,
+    )
+    engine_generate(plain, [prompt], args.new_tokens, device)
+    engine_generate(spec, [prompt], args.new_tokens, device)
+    spec.engine.spec.proposed = spec.engine.spec.accepted = 0
+    t_plain, out_plain = engine_generate(plain, [prompt], args.new_tokens, device)
+    t_spec, out_spec = engine_generate(spec, [prompt], args.new_tokens, device)
+    row = {
+        "target": f"{args.spec_target} ({target.config.num_hidden_layers} layers)",
+        "draft_layers": 2,
+        "k": args.spec_k,
+        "train_steps": args.spec_steps,
+        "train_seconds": round(train_s, 1),
+        "target_loss": round(target_loss, 3),
+        "draft_loss": round(draft_loss, 3),
+        "target_alone_tok_s": round(args.new_tokens / t_plain, 1),
+        "speculative_tok_s": round(args.new_tokens / t_spec, 1),
+        "speedup": round(t_plain / t_spec, 2),
+        "acceptance_rate": round(spec.engine.spec.acceptance_rate, 3),
+        "greedy_identical": out_plain == out_spec,
+    }
+    print(f"[speculative] {row}", flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", action="append", default=[], help="random-weight model of this preset shape")
+    parser.add_argument("--model", help="checkpoint path, or 'default' for the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--tokenizer", default="../shared/fixtures/upstream-minimind/minimind2-dense")
+    parser.add_argument("--dtype", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="batch-1 new tokens")
+    parser.add_argument("--batches", default="64,256,1024", help="comma-separated request counts ('' = none)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-max-batch", type=int, default=1024, help="largest batch to run HF generate on")
+    parser.add_argument("--skip-hf", action="store_true", help="only the engine")
+    parser.add_argument("--spec", action="store_true", help="also measure speculative decoding")
+    parser.add_argument("--spec-target", default="minimind2", help="preset of the speculative target")
+    parser.add_argument("--spec-k", type=int, default=4)
+    parser.add_argument("--spec-steps", type=int, default=300, help="training steps for target and draft")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = (
+        torch.bfloat16 if (args.dtype or ("bf16" if device.startswith("cuda") else "fp32")) == "bf16" else torch.float32
+    )
+
+    from transformers import AutoTokenizer
+
+    results: dict = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": str(dtype).replace("torch.", ""),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "models": [],
+    }
+    if args.model:
+        from engine.loader import load_model
+
+        source = args.model
+        if source == "default":
+            from engine.default_model import default_model_path
+
+            source = default_model_path()
+        model, tokenizer = load_model(source, dtype=dtype, device=device)
+        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if (args.preset or args.spec) else None
+    for preset in args.preset:
+        model = random_model(preset, dtype, device)
+        results["models"].append(bench_model(preset, model, tokenizer, args, device))
+        del model
+    if args.spec:
+        results["speculative"] = bench_spec(tokenizer, args, device, dtype)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['device']}, torch {results['torch']}, {results['date']}, {results['dtype']}")
+    keys = sorted({k for m in results["models"] for k in m if k.endswith("tok_s")})
+    print("| model | " + " | ".join(keys) + " |")
+    for m in results["models"]:
+        print(f"| {m['model']} | " + " | ".join(str(m.get(k, "-")) for k in keys) + " |")
+    if "speculative" in results:
+        print("speculative:", json.dumps(results["speculative"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""NativeBackend: the server's async Backend protocol (engine/backend.py) on the native engine.
+
+The engine loop runs in one background thread (model work blocks, so it must not run on the event loop): it
+steps the engine while there is work and sleeps on an event otherwise. Each request has an asyncio queue; the
+thread hands it deltas with `call_soon_threadsafe`. Leaving the `generate()` iteration early (client gone) or
+`abort()` finishes the request in the engine, which frees its cache slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.backend import CompletionDelta, EngineStats, ModelInfo
+from engine.errors import EngineError, PromptTooLongError, QueueFullError
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+
+class NativeBackend:
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        served_model_name: str | None = None,
+        max_queue: int | None = 1024,
+        **llm_kwargs: Any,
+    ) -> None:
+        """`model` and `llm_kwargs` are `engine.llm.LLM`'s arguments (dtype, device, max_model_len, max_num_seqs,
+        draft_model, num_speculative_tokens, lora, tokenizer, cuda_graphs); `max_queue` bounds waiting sequences
+        (more gives QueueFullError, HTTP 429)."""
+        self.llm = LLM(model, max_queue=max_queue, **llm_kwargs)
+        self.core = self.llm.engine
+        self.tokenizer = self.llm.tokenizer
+        param = next(self.llm.model.parameters())
+        path = str(model) if isinstance(model, (str, Path)) else ""
+        extra: dict[str, Any] = {"kv_cache_slots": self.core.cache.num_slots}
+        if self.core.spec is not None:
+            extra["num_speculative_tokens"] = self.core.spec.k
+        self.info = ModelInfo(
+            name=served_model_name or (path.rstrip("/").split("/")[-1] if path else "minimind"),
+            path=path,
+            max_model_len=self.core.max_model_len,
+            vocab_size=self.llm.model.config.vocab_size,
+            backend="native",
+            device=str(param.device),
+            dtype=str(param.dtype).replace("torch.", ""),
+            extra=extra,
+        )
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = False
+        self._accepting = False
+        self.error: BaseException | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop, self._accepting = False, True
+        self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to drain_timeout seconds, then abort the rest."""
+        self._accepting = False
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while self.core.has_work() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for request_id in list(self._queues):
+            await self.abort(request_id)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.core.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.core.step()
+            except BaseException as err:  # a broken step must not hang every waiting client
+                self.error = err
+                self._fail_all(err)
+                continue
+            for delta in deltas:
+                self._deliver(delta)
+
+    def _deliver(self, item: CompletionDelta | BaseException) -> None:
+        request_id = item.request_id if isinstance(item, CompletionDelta) else None
+        queue = self._queues.get(request_id) if request_id is not None else None
+        if queue is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for request_id, queue in list(self._queues.items()):
+            self.core.abort(request_id)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(queue.put_nowait, err)
+
+    # ---- requests -----------------------------------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[CompletionDelta]:
+        """Stream one request's deltas; raises PromptTooLongError / QueueFullError / InvalidRequestError first."""
+        if not self._accepting or self._thread is None:
+            raise QueueFullError("the engine is not running (not started, or shutting down): retry later")
+        if request_id in self._queues:
+            raise EngineError(f"request id {request_id!r} is already running; use a unique id")
+        text, ids = self.llm.encode(prompt)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        try:
+            self.core.add_request(request_id, ids, params, prompt=text)
+        except BaseException:
+            del self._queues[request_id]
+            raise
+        self._wake.set()
+        live = params.n
+        try:
+            while live:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineError(f"the engine failed while running this request: {item}") from item
+                if item.finished:
+                    live -= 1
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if live:
+                self.core.abort(request_id)  # client left early: free the cache now
+
+    async def abort(self, request_id: str) -> None:
+        for delta in self.core.abort(request_id):
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(delta)
+
+    async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised last hidden states, one vector per prompt (runs between engine steps)."""
+        for i, prompt in enumerate(prompts):
+            if not 0 < len(prompt) <= self.core.max_model_len:
+                raise PromptTooLongError(
+                    f"input {i} has {len(prompt)} tokens; embeddings need 1 to {self.core.max_model_len} tokens",
+                    param="input",
+                )
+
+        def run() -> list[list[float]]:
+            with self.core.lock, torch.inference_mode():
+                return self.core.runner.embed(prompts)
+
+        return await asyncio.to_thread(run)
+
+    def stats(self) -> EngineStats:
+        scheduler = self.core.scheduler
+        return EngineStats(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            cache_usage=self.core.cache.usage,
+            free_slots=self.core.cache.num_free,
+        )

@@ -1,0 +1,129 @@
+"""Live servers for the server tests: `minimind serve` in a subprocess on 127.0.0.1 with a tiny random model.
+
+The model is tests/conftest.py's tiny MiniMind saved next to the real minimind3 tokenizer (chat template
+included), so every request goes through the real CLI, app, NativeBackend and tokenizer. Servers are started
+once per test session (per configuration) and stopped at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT, UPSTREAM_FIXTURES, tiny_model
+
+API_KEY = "test-key"
+MODEL_NAME = "tiny"
+MAX_MODEL_LEN = 256
+
+
+@dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+_tmp = tempfile.TemporaryDirectory(prefix="minimind-server-tests-")
+_servers: dict[tuple[str, ...], LiveServer] = {}
+
+
+def tiny_model_dir() -> Path:
+    """A tiny random MiniMind with the real minimind3 tokenizer, saved once as a Hugging Face directory."""
+    path = Path(_tmp.name) / "tiny-minimind"
+    if not (path / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        tiny_model().save_pretrained(path)
+        AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense").save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(*extra: str, fresh: bool = False, timeout: float = 180) -> LiveServer:
+    """`minimind serve` on a free port with the tiny model; reused for the same `extra` unless fresh."""
+    if not fresh and extra in _servers and _servers[extra].proc.poll() is None:
+        return _servers[extra]
+    port = free_port()
+    log = Path(_tmp.name) / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(tiny_model_dir()), "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN)]
+    cmd += ["--device", "cpu", "--log-level", "warning", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop(signal.SIGKILL)
+            raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log_tail()}")
+        time.sleep(0.3)
+    if not fresh:
+        _servers[extra] = server
+    atexit.register(server.stop, signal.SIGKILL, 10)
+    return server
+
+
+def main_server() -> LiveServer:
+    """The server most tests share: API key, CORS for one origin, room for 64 concurrent streams."""
+    return start_server(
+        "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "256", "--cors-origins", "http://ui.example"
+    )
+
+
+def tight_server() -> LiveServer:
+    """One batch slot and one queue place, so a third concurrent request is refused (429)."""
+    return start_server("--max-num-seqs", "1", "--max-queue", "1")
+
+
+def metric(server: LiveServer, name: str) -> float:
+    """Sum of a Prometheus metric's samples (all label sets) from /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise AssertionError(f"metric {name} not in /metrics:\n{text[:2000]}")
+    return total
