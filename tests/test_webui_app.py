@@ -221,19 +221,29 @@ def test_thinking_switch_shows_reasoning_apart_from_the_answer(thinking_server):
     assert [m.value.strip() for m in bubble.markdown if m.value.strip() == THINK_ANSWER]
 
 
-def test_wrong_key_and_stopped_server_give_readable_errors(models, tmp_path):
-    live = LiveServer(models["random"], tmp_path / "serve.log", "--api-key", "secret")
+def test_wrong_key_busy_server_and_stopped_server_give_readable_errors(models, tmp_path):
+    """401, 429 and a server that went away: each one a sentence on the page, never a traceback.
+
+    `--max-queue 0` leaves no waiting place, so the server refuses every completion with 429 (queue_full)
+    while /v1/models still answers: a busy server, deterministically, with one server start.
+    """
+    live = LiveServer(models["random"], tmp_path / "serve.log", "--api-key", "secret", "--max-queue", "0")
     try:
         at = _app(live.base, key="wrong")
         assert at.error and "refused the key (401)" in at.error[0].value
+        assert not at.exception
         at = _app(live.base, key="secret")
         assert not at.error
         _send(at, "are you there?")
-        assert _history(at)[-1]["content"]
+        busy = _history(at)[-1]
+        assert busy["content"] == "" and "busy (429" in busy["error"]
+        assert any("busy (429" in e.value for e in at.error)
     finally:
         live.stop()
     _send(at, "and now?")
     failed = _history(at)[-1]
     assert failed["content"] == "" and "Cannot reach the API at " + live.base in failed["error"]
     assert any("Cannot reach the API" in e.value for e in at.error)
+    # The failed exchanges stay on the page, each with its own error.
+    assert [m["role"] for m in _history(at)] == ["user", "assistant"] * 2
     assert not at.exception
