@@ -3,6 +3,11 @@
 The model is tests/conftest.py's tiny MiniMind saved next to the real minimind3 tokenizer (chat template
 included), so every request goes through the real CLI, app, NativeBackend and tokenizer. Servers are started
 once per test session (per configuration) and stopped at exit.
+
+Client suite against any running server: with MINIMIND_TEST_BASE_URL=http://HOST:PORT (and
+MINIMIND_TEST_API_KEY=KEY if it needs one) the SDK, error and load tests run against that server instead
+(e.g. `--backend vllm` on a GPU); the model name and context length are read from the server itself, and the
+tests that need a server of their own (429 queue, SIGTERM, scripted model) are skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT, UPSTREAM_FIXTURES, tiny_model
 
@@ -27,20 +33,32 @@ MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 256
 
 
+EXTERNAL_URL = os.environ.get("MINIMIND_TEST_BASE_URL", "").strip().rstrip("/").removesuffix("/v1")
+
+
 @dataclass
 class LiveServer:
     url: str  # http://127.0.0.1:PORT
-    proc: subprocess.Popen
-    log: Path
+    proc: subprocess.Popen | None  # None: a server this test session did not start (MINIMIND_TEST_BASE_URL)
+    log: Path | None
+    model: str = MODEL_NAME
+    api_key: str = API_KEY
+    max_model_len: int = MAX_MODEL_LEN
 
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
 
+    @property
+    def external(self) -> bool:
+        return self.proc is None
+
     def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+        return self.log.read_text(errors="replace")[-4000:] if self.log else "(external server: no log here)"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc is None:
+            raise RuntimeError("an external server is not stopped by the tests")
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -72,13 +90,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*extra: str, fresh: bool = False, timeout: float = 180) -> LiveServer:
-    """`minimind serve` on a free port with the tiny model; reused for the same `extra` unless fresh."""
-    if not fresh and extra in _servers and _servers[extra].proc.poll() is None:
-        return _servers[extra]
+def external_server() -> LiveServer:
+    """The server at MINIMIND_TEST_BASE_URL, described by its own /v1/models and /tokenize answers."""
+    if "external" not in _external:
+        key = os.environ.get("MINIMIND_TEST_API_KEY", "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        models = httpx.get(EXTERNAL_URL + "/v1/models", headers=headers, timeout=30).json()["data"]
+        limit = httpx.post(EXTERNAL_URL + "/tokenize", json={"prompt": "x"}, timeout=30).json()["max_model_len"]
+        _external["external"] = LiveServer(EXTERNAL_URL, None, None, models[0]["id"], key, limit)
+    return _external["external"]
+
+
+_external: dict[str, LiveServer] = {}
+
+
+def needs_own_server(what: str) -> None:
+    """Skip a test that must start (or stop) a server of its own when the suite targets an external one."""
+    if EXTERNAL_URL:
+        pytest.skip(f"{what}: needs a server started by the test (MINIMIND_TEST_BASE_URL is set)")
+
+
+def start_server(*extra: str, fresh: bool = False, timeout: float = 180, model: Path | None = None) -> LiveServer:
+    """`minimind serve` on a free port with the tiny model (or `model`); reused for the same arguments unless fresh."""
+    needs_own_server("a server with its own flags")
+    model = model or tiny_model_dir()
+    key = (str(model), *extra)
+    if not fresh and key in _servers and _servers[key].proc.poll() is None:
+        return _servers[key]
     port = free_port()
     log = Path(_tmp.name) / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(tiny_model_dir()), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN)]
     cmd += ["--device", "cpu", "--log-level", "warning", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -99,13 +140,15 @@ def start_server(*extra: str, fresh: bool = False, timeout: float = 180) -> Live
             raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log_tail()}")
         time.sleep(0.3)
     if not fresh:
-        _servers[extra] = server
+        _servers[key] = server
     atexit.register(server.stop, signal.SIGKILL, 10)
     return server
 
 
 def main_server() -> LiveServer:
     """The server most tests share: API key, CORS for one origin, room for 64 concurrent streams."""
+    if EXTERNAL_URL:
+        return external_server()
     return start_server(
         "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "256", "--cors-origins", "http://ui.example"
     )

@@ -185,3 +185,25 @@ def test_engine_failure_mid_stream_sends_error_event_then_done():
     error = json.loads(lines[1][len("data: ") :])["error"]
     assert error["message"] == "the engine broke: out of memory" and error["code"] == "engine_error"
     assert lines[2] == "data: [DONE]"
+
+
+def test_vllm_backend_embeddings_match_the_native_pooling(tmp_path):
+    """The vLLM backend embeds through transformers on the converted llama directory: same vectors as native."""
+    import torch
+    from transformers import AutoModel
+
+    from engine.backends.vllm import hf_embeddings
+    from engine.convert import convert
+    from tests.conftest import UPSTREAM_FIXTURES, tiny_model
+
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path / "minimind")
+    convert(tmp_path / "minimind", tmp_path / "llama", "llama", tokenizer=UPSTREAM_FIXTURES / "minimind3-dense")
+    llama = AutoModel.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    prompts = [[5, 9, 200, 31], [7]]
+    got = hf_embeddings(llama, prompts, "cpu")
+    with torch.inference_mode():
+        for prompt, vector in zip(prompts, got):
+            hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+            want = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
+            assert torch.allclose(torch.tensor(vector), want, atol=1e-5)

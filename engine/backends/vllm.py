@@ -3,6 +3,10 @@
 Serves the Hugging Face directories `minimind convert` writes (llama / qwen3 / qwen3_moe / qwen2_moe), which
 vLLM loads natively. The request → vLLM SamplingParams mapping is a pure function (`vllm_sampling_kwargs`)
 so it is tested without vLLM installed; vLLM itself is imported only when the backend is built.
+
+Two things vLLM's generation engine does not do are filled in here: `max_tokens=0` (echo + logprobs
+scoring, as lm-evaluation-harness asks) runs one token and reports none, and /v1/embeddings runs the same
+weights through transformers (loaded on the first embeddings request), pooled as the native backend pools.
 """
 
 from __future__ import annotations
@@ -42,6 +46,24 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
     )
+
+
+def hf_embeddings(model: Any, prompts: list[list[int]], device: Any) -> list[list[float]]:
+    """Mean of the last hidden states (after the final norm) over each prompt, L2-normalised.
+
+    `model` is a transformers base model (AutoModel); the native backend pools its own model the same way, so
+    both backends give the same vectors for the same weights.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    vectors = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            hidden = model(input_ids=ids).last_hidden_state[0].float()
+            vectors.append(F.normalize(hidden.mean(0), dim=-1).tolist())
+    return vectors
 
 
 def _token_logprob(token_id: int, position: dict[int, Any], top: int) -> TokenLogprob:
@@ -109,6 +131,8 @@ class VllmBackend:
         self.max_queue = max_queue
         self.served_model_name = served_model_name or Path(self.model_path.rstrip("/")).name
         self.engine: Any = None
+        self.embedder: Any = None  # transformers copy of the weights, loaded on the first embeddings request
+        self.embedder_lock = asyncio.Lock()
         self.in_flight: set[str] = set()
         self.accepting = True
         self.info = ModelInfo(
@@ -161,7 +185,11 @@ class VllmBackend:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context of {limit} tokens",
                 param="max_tokens",
             )
-        vllm_params = VllmSamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+        kwargs = vllm_sampling_kwargs(params)
+        score_only = params.max_tokens == 0  # vLLM generates at least one token: run one, report none
+        if score_only:
+            kwargs.update(max_tokens=1, min_tokens=0)
+        vllm_params = VllmSamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
         generated: dict[int, int] = {}
         self.in_flight.add(request_id)
         first = True
@@ -169,9 +197,12 @@ class VllmBackend:
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, vllm_params, request_id):
                 for completion in out.outputs:
-                    generated[completion.index] = generated.get(completion.index, 0) + len(completion.token_ids)
+                    if score_only and completion.finish_reason is None:
+                        continue  # the one token it ran is not part of the answer
+                    token_ids = [] if score_only else list(completion.token_ids)
+                    generated[completion.index] = generated.get(completion.index, 0) + len(token_ids)
                     logprobs = None
-                    if params.logprobs is not None and completion.logprobs is not None:
+                    if params.logprobs is not None and completion.logprobs is not None and token_ids:
                         logprobs = [
                             _token_logprob(tid, position, params.logprobs)
                             for tid, position in zip(completion.token_ids, completion.logprobs)
@@ -183,11 +214,11 @@ class VllmBackend:
                     yield CompletionDelta(
                         request_id=request_id,
                         index=completion.index,
-                        text=completion.text,
-                        token_ids=list(completion.token_ids),
+                        text="" if score_only else completion.text,
+                        token_ids=token_ids,
                         logprobs=logprobs,
                         finished=completion.finish_reason is not None,
-                        finish_reason=completion.finish_reason,
+                        finish_reason="length" if score_only else completion.finish_reason,
                         stop_reason=completion.stop_reason,
                         num_prompt_tokens=len(ids),
                         num_generated_tokens=generated[completion.index],
@@ -205,11 +236,25 @@ class VllmBackend:
             await self.engine.abort(request_id)
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
-        raise InvalidRequestError(
-            "embeddings are served by the native backend only (vLLM needs a separate pooling model); "
-            "start the server with --backend native for /v1/embeddings",
-            param="model",
-        )
+        """/v1/embeddings: the served weights through transformers on the same GPU (vLLM's generation engine
+        returns no hidden states), pooled as the native backend pools."""
+        limit = self.info.max_model_len
+        for i, prompt in enumerate(prompts):
+            if not 0 < len(prompt) <= limit:
+                raise PromptTooLongError(
+                    f"input {i} has {len(prompt)} tokens; embeddings need 1 to {limit} tokens", param="input"
+                )
+        async with self.embedder_lock:
+            if self.embedder is None:
+                self.embedder = await asyncio.to_thread(self._load_embedder)
+            return await asyncio.to_thread(hf_embeddings, self.embedder, prompts, self.embedder.device)
+
+    def _load_embedder(self) -> Any:
+        import torch
+        from transformers import AutoModel
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return AutoModel.from_pretrained(self.model_path, dtype=torch.float32).to(device).eval()
 
     def stats(self) -> EngineStats:
         # vLLM keeps its scheduler's queue lengths to itself; requests in flight are the closest view
