@@ -15,12 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = (
         "Train a model. Options come from --config (a YAML file, see configs/) and are overridden by flags.\n"
-        "Example: minimind train pretrain --config configs/pretrain-minimind2-small.yaml --data-path data.jsonl"
+        "Example: minimind train --config configs/pretrain-minimind2-small.yaml --data-path data.jsonl"
     )
     parser.add_argument(
         "stage",
+        nargs="?",
         choices=STAGES,
-        help="pretrain: packed next-token loss; sft: assistant-only loss; lora: sft on adapters",
+        default=None,
+        help="pretrain: packed next-token loss; sft: assistant-only loss; lora: sft on adapters "
+        "(default: the config file's stage:)",
     )
     parser.add_argument(
         "--config", default=None, help="YAML file of config fields (e.g. configs/sft-minimind2-small.yaml)"
@@ -44,11 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from training.config import FIELDS, load_config
+    from training.config import FIELDS, load_config, load_yaml
+    from training.errors import TrainingError
     from training.stages import get_stage
     from training.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if args.stage is None and "stage" not in (load_yaml(args.config) if args.config else {}):
+        raise TrainingError("name the stage: minimind train {pretrain,sft,lora} ..., or set stage: in --config")
     overrides = {name: getattr(args, name) for name in FIELDS if name != "stage" and hasattr(args, name)}
     cfg = load_config(args.config, overrides, stage=args.stage)
     final = Trainer(cfg, get_stage(cfg.stage)).run()

@@ -117,6 +117,7 @@ class TrainConfig:
             (self.lora_rank >= 1, "lora_rank", "must be at least 1"),
             (self.keep_last >= 1, "keep_last", "must be at least 1"),
             (self.log_every >= 1, "log_every", "must be at least 1"),
+            (self.stage != "lora" or bool(self.init_from), "init_from", "must name the model LoRA adapts (lora stage)"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -175,24 +176,27 @@ def convert_value(name: str, raw: Any) -> Any:
         raise TrainingError(f"config field {name}: cannot read {raw!r} as {kind.__name__}") from None
 
 
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping of field: value (not yet checked against the fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(
+            f"config file {path} not found; presets live under configs/ (e.g. configs/pretrain-minimind2-small.yaml)"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TrainingError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise TrainingError(f"{path}: expected a mapping of field: value at the top level")
+    return loaded
+
+
 def load_config(
     path: str | Path | None, overrides: dict[str, Any] | None = None, stage: str | None = None
 ) -> TrainConfig:
     """YAML file (optional) + overrides (already keyed by field name) -> a validated TrainConfig."""
-    values: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise TrainingError(
-                f"config file {path} not found; presets live under configs/ (e.g. configs/pretrain-minimind2-small.yaml)"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TrainingError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise TrainingError(f"{path}: expected a mapping of field: value at the top level")
-        values.update(loaded)
+    values: dict[str, Any] = dict(load_yaml(path)) if path else {}
     values.update(overrides or {})
     if stage is not None:
         values["stage"] = stage

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from array import array as int_array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +42,7 @@ class LineStats:
 
 def iter_jsonl(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> Iterator[tuple[int, Any]]:
     """(line number, value of `key`) for each non-empty line; a bad line raises with file:line or is counted."""
-    if not path.is_file():
-        raise TrainingError(
-            f"data file {path} not found; check data_path (build a demo set with `minimind data demo DIR`)"
-        )
+    check_data_file(path)
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -58,6 +56,13 @@ def iter_jsonl(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> 
             except (ValueError, UnicodeDecodeError) as err:
                 reason = f"invalid JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
                 bad_line(path, lineno, reason, skip_bad_lines, stats)
+
+
+def check_data_file(path: Path) -> None:
+    if not path.is_file():
+        raise TrainingError(
+            f"data file {path} not found; check data_path (build a demo set with `minimind data demo DIR`)"
+        )
 
 
 def bad_line(path: Path, lineno: int, reason: str, skip: bool, stats: LineStats) -> None:
@@ -76,6 +81,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_dir_for(kind: str, path: Path, tokenizer: Any, skip_bad_lines: bool, root: str = "") -> Path:
+    check_data_file(path)
     stat = path.stat()
     key = json.dumps(
         [
@@ -116,8 +122,14 @@ def token_dtype(tokenizer: Any) -> np.dtype:
     return np.dtype(np.uint16) if len(tokenizer) < 65536 else np.dtype(np.uint32)
 
 
-def tokenize_pretrain(path: Path, tokenizer: Any, skip_bad_lines: bool, out: Path, batch: int = 512) -> dict[str, Any]:
-    """Stream {"text"} lines into tokens.bin: each document's tokens followed by EOS."""
+def tokenize_pretrain(
+    path: Path, tokenizer: Any, skip_bad_lines: bool, out: Path, batch_chars: int = 1 << 16
+) -> dict[str, Any]:
+    """Stream {"text"} lines into tokens.bin: each document's tokens followed by EOS.
+
+    Lines are tokenized in batches of about `batch_chars` characters, so memory stays bounded by the batch
+    (token ids are Python ints until written), whatever the file's size.
+    """
     eos, dtype, stats, count = tokenizer.eos_token_id, token_dtype(tokenizer), LineStats(), 0
     if eos is None:
         raise TrainingError("the tokenizer has no eos_token; pretraining needs it to separate documents")
@@ -130,21 +142,23 @@ def tokenize_pretrain(path: Path, tokenizer: Any, skip_bad_lines: bool, out: Pat
             return len(flat)
 
         texts: list[str] = []
+        chars = 0
         for lineno, text in iter_jsonl(path, "text", skip_bad_lines, stats):
             if not isinstance(text, str) or not text:
                 bad_line(path, lineno, '"text" must be a non-empty string', skip_bad_lines, stats)
                 continue
             texts.append(text)
-            if len(texts) == batch:
-                count, texts = count + flush(texts), []
+            chars += len(text)
+            if chars >= batch_chars:
+                count, texts, chars = count + flush(texts), [], 0
         if texts:
             count += flush(texts)
     return {"num_tokens": count, "dtype": dtype.name, "lines": stats.lines, "bad_lines": stats.bad}
 
 
 def tokenize_sft(path: Path, tokenizer: Any, skip_bad_lines: bool, out: Path) -> dict[str, Any]:
-    """Stream {"conversations"} lines into tokens.bin + trained.bin (1 = assistant token) + offsets.npy."""
-    dtype, stats, offsets = token_dtype(tokenizer), LineStats(), [0]
+    """Stream {"conversations"} lines into tokens.bin + trained.bin (1 = trained target) + offsets.npy."""
+    dtype, stats, offsets = token_dtype(tokenizer), LineStats(), int_array("q", [0])  # 8 bytes per conversation
     with (out / "tokens.bin").open("wb") as tokens_sink, (out / "trained.bin").open("wb") as trained_sink:
         for lineno, conversations in iter_jsonl(path, "conversations", skip_bad_lines, stats):
             try:
@@ -156,7 +170,7 @@ def tokenize_sft(path: Path, tokenizer: Any, skip_bad_lines: bool, out: Path) ->
             tokens_sink.write(np.asarray(ids, dtype=dtype).tobytes())
             trained_sink.write(np.asarray(trained, dtype=np.uint8).tobytes())
             offsets.append(offsets[-1] + len(ids))
-    np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(out / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
     return {"num_tokens": offsets[-1], "dtype": dtype.name, "lines": stats.lines, "bad_lines": stats.bad}
 
 
@@ -203,14 +217,18 @@ class PretrainDataset:
 
 
 class SFTDataset:
-    """One conversation per item, truncated to max_seq_len + 1 tokens; targets -100 outside assistant turns."""
+    """One conversation per item, truncated to max_seq_len + 1 tokens; targets -100 outside assistant turns.
+
+    Per file: memory-mapped tokens and trained flags plus the conversations' start offsets (memory-mapped too),
+    so a file of millions of conversations costs no Python objects per conversation.
+    """
 
     def __init__(
         self, files: list[Path], tokenizer: Any, seq_len: int, skip_bad_lines: bool = False, cache_dir: str = ""
     ) -> None:
         self.seq_len = seq_len
         self.bad_lines = 0
-        self.items: list[tuple[np.memmap, np.memmap, int, int]] = []
+        self.parts: list[tuple[np.memmap, np.memmap, np.ndarray]] = []
         self.num_tokens = 0
         for path in files:
             target = cache_dir_for("sft", path, tokenizer, skip_bad_lines, cache_dir)
@@ -220,17 +238,20 @@ class SFTDataset:
                 continue
             tokens = np.memmap(target / "tokens.bin", dtype=meta["dtype"], mode="r")
             trained = np.memmap(target / "trained.bin", dtype=np.uint8, mode="r")
-            offsets = np.load(target / "offsets.npy")
+            self.parts.append((tokens, trained, np.load(target / "offsets.npy", mmap_mode="r")))
             self.num_tokens += meta["num_tokens"]
-            self.items += [(tokens, trained, int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
-        if not self.items:
+        self.starts = np.cumsum([0] + [len(offsets) - 1 for _, _, offsets in self.parts])
+        if self.starts[-1] == 0:
             raise TrainingError(f"{', '.join(map(str, files))}: no usable conversations")
 
     def __len__(self) -> int:
-        return len(self.items)
+        return int(self.starts[-1])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens, trained, start, stop = self.items[index]
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        tokens, trained, offsets = self.parts[part]
+        local = index - int(self.starts[part])
+        start, stop = int(offsets[local]), int(offsets[local + 1])
         stop = min(stop, start + self.seq_len + 1)
         ids = torch.from_numpy(tokens[start:stop].astype(np.int64))
         mask = torch.from_numpy(trained[start:stop].astype(bool))

@@ -15,26 +15,28 @@ from training.config import TrainConfig
 from training.data import IGNORE, PretrainDataset, SFTDataset, pad_collate
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token cross-entropy over trained targets, MoE aux loss). Targets are already shifted.
-
-    The sum (not the mean) is returned so the trainer can divide by the token count of the whole optimizer
-    step: every trained token then weighs the same, whatever micro-batch it fell in.
-    """
-    out = model(input_ids=batch["input_ids"], use_cache=False)
-    logits = out.logits
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1), ignore_index=IGNORE, reduction="sum"
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over targets that are not -100 (targets are already shifted)."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
-    aux = out.aux_loss if out.aux_loss is not None else ce.new_zeros(())
-    return ce, aux
 
 
 class PretrainStage:
     """Next-token prediction on packed documents."""
 
     name = "pretrain"
-    loss = staticmethod(lm_loss_sum)
+    cross_entropy = staticmethod(cross_entropy_sum)  # the trainer swaps in a compiled copy with --compile
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy over trained targets, MoE aux loss).
+
+        The sum (not the mean) is returned so the trainer can divide by the token count of the whole optimizer
+        step: every trained token then weighs the same, whatever micro-batch it fell in.
+        """
+        out = model(input_ids=batch["input_ids"], use_cache=False)
+        aux = out.aux_loss if out.aux_loss is not None else out.logits.new_zeros((), dtype=torch.float32)
+        return self.cross_entropy(out.logits, batch["targets"]), aux
 
     def build_dataset(self, cfg: TrainConfig, tokenizer: Any) -> Any:
         return PretrainDataset(cfg.data_files, tokenizer, cfg.max_seq_len, cfg.skip_bad_lines, cfg.cache_dir)
