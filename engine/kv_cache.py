@@ -77,12 +77,21 @@ class CacheView:
     - `start`: [B] position of each row's first new token.
     - `kv_len`: how many cached positions to read (a bucket >= every row's last position + 1).
     - `fresh`: all rows start at 0 and have no history, so attention runs over the new keys alone (prefill).
+    - `masked`: False when every row may see all `kv_len` positions (one new token per row, all rows at the same
+      position: batch-1 decode), so attention runs without a mask (a faster kernel, and no mask to build).
     """
 
     def __init__(
-        self, cache: KVCache, slots: torch.Tensor | None, start: torch.Tensor, kv_len: int, fresh: bool = False
+        self,
+        cache: KVCache,
+        slots: torch.Tensor | None,
+        start: torch.Tensor,
+        kv_len: int,
+        fresh: bool = False,
+        masked: bool = True,
     ) -> None:
         self.cache, self.slots, self.start, self.kv_len, self.fresh = cache, slots, start, kv_len, fresh
+        self.masked = masked
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -93,7 +102,7 @@ class CacheView:
         self._pos = self.start[:, None] + steps  # [B, T] absolute positions of the new tokens
         rows = self.slots if self.slots is not None else torch.arange(batch, device=device)
         self._rows = rows[:, None].expand(batch, new_tokens)
-        if not self.fresh:
+        if self.masked and not self.fresh:
             key_pos = torch.arange(self.kv_len, device=device)
             visible = key_pos <= self._pos[:, :, None]  # [B, T, L]
             # Query rows are laid out (group, token) per kv head, see attend(); the mask repeats per group.
@@ -116,8 +125,9 @@ class CacheView:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if self.slots is None:
             keys, values = k_cache[:batch, :, : self.kv_len], v_cache[:batch, :, : self.kv_len]
-        else:
-            keys, values = k_cache[self.slots, :, : self.kv_len], v_cache[self.slots, :, : self.kv_len]
+        else:  # narrow first, then gather rows: advanced indexing k[slots, :, :n] is several times slower on CPU
+            keys = k_cache[:, :, : self.kv_len].index_select(0, self.slots)
+            values = v_cache[:, :, : self.kv_len].index_select(0, self.slots)
         # Grouped-query attention without repeating keys: the `groups` query heads sharing one kv head become
         # extra query rows, so SDPA sees plain multi-head attention with a mask (its efficient kernel on GPU).
         q_rows = q.reshape(batch, kv_heads, groups * new_tokens, head_dim)

@@ -46,9 +46,11 @@ class ModelRunner:
 
     # ---- forward passes -------------------------------------------------------------------------------------------
 
-    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, kv_len: int):
+    def _forward(
+        self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, kv_len: int, masked: bool = True
+    ):
         positions = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        view = CacheView(self.cache, slots, start, kv_len)
+        view = CacheView(self.cache, slots, start, kv_len, masked=masked)
         hidden = self.model.model(input_ids=tokens, position_ids=positions, kv_cache=view).last_hidden_state
         return self.model.lm_head(hidden).float()
 
@@ -85,7 +87,11 @@ class ModelRunner:
         needed = max(starts) + num_new
         if not self.use_graphs or num_new > self.tokens_buf.shape[1]:
             start = torch.tensor(starts, device=self.device)
-            return self._forward(tokens, start, torch.tensor(slots, device=self.device), needed)
+            # Rows that are slots 0..B-1 read a slice of the cache; others gather. One new token at one shared
+            # position (batch-1 decode) sees every cached key, so it needs no mask.
+            index = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
+            masked = num_new > 1 or min(starts) != max(starts)
+            return self._forward(tokens, start, index, needed, masked)
         batch = _pick(self.batch_buckets, max(slots) + 1)
         kv_len = _pick(self.len_buckets, needed)
         host_start = torch.zeros(batch, dtype=torch.long)  # free slots in the bucket compute at position 0

@@ -298,13 +298,14 @@ def sample(
     (repetition penalty). output_counts: [B, V] int, histogram of the tokens generated so far (see
     `token_counts` / `record_tokens`). The penalty inputs may be None when `t.do_penalties` is False.
     """
-    penalised, processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)
-    greedy_ids = penalised.argmax(dim=-1)
-    if t.all_greedy:
-        token_ids = greedy_ids
+    if t.all_greedy and not t.do_penalties and not t.do_min_tokens:
+        token_ids = logits.argmax(dim=-1)  # nothing can change the argmax: skip the [B, V] passes
     else:
-        sampled = sample_from_probs(processed.softmax(dim=-1), row_uniform(t.seeds, output_lens))
-        token_ids = torch.where(t.greedy, greedy_ids, sampled)
+        penalised, processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)
+        token_ids = penalised.argmax(dim=-1)
+        if not t.all_greedy:
+            sampled = sample_from_probs(processed.softmax(dim=-1), row_uniform(t.seeds, output_lens))
+            token_ids = torch.where(t.greedy, token_ids, sampled)
     out = SamplerOutput(token_ids=token_ids)
     if t.num_logprobs is not None:
         raw = logits.float().log_softmax(dim=-1)

@@ -66,7 +66,8 @@ class Scheduler:
         if admitted:
             self.running.extend(admitted)
             return "prefill", admitted
-        return "decode", list(self.running)
+        # In slot order: a batch holding slots 0..B-1 then reads the cache as one slice (no gather).
+        return "decode", sorted(self.running, key=lambda s: s.slot)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark a sequence finished and free its cache slot now."""

@@ -1,0 +1,262 @@
+"""The native engine end to end on tiny random models (CPU): greedy output equal to HF transformers' greedy
+`generate` on the same weights (dense and MoE, alone and batched, with requests queueing and joining mid-run),
+seeded sampling independent of batch neighbours, n > 1, cancellation, over-long prompts, LoRA merged at load,
+and speculative decoding with a draft model (engine and `minimind generate` flags)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from engine.errors import PromptTooLongError
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from minimind.cli import main
+from tests.conftest import tiny_model
+
+MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64)
+# initializer_range 0.2 (not 0.02): logits far apart, so greedy never hinges on a near-tie and tokens vary
+WIDE = dict(initializer_range=0.2)
+PROMPT_LENS = (5, 23, 9, 31, 14)
+NEW = 12
+
+
+def greedy(max_tokens: int = NEW, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def prompts(lengths=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 6400, (n,), generator=gen).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], new_tokens: int = NEW) -> list[int]:
+    """transformers' own greedy decoding (DynamicCache, its masks), EOS off so the length is fixed."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    out = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt) :].tolist()
+    assert len(out) == new_tokens
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(upstream_fixtures):
+    return AutoTokenizer.from_pretrained(str(upstream_fixtures / "minimind2-dense"))
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def case(request):
+    """(model, HF greedy reference for each of prompts()) per architecture, computed once."""
+    model = tiny_model(seed=1, **WIDE, **(MOE if request.param == "moe" else {}))
+    return model, [hf_greedy(model, p) for p in prompts()]
+
+
+def make_llm(model, tokenizer, **kw) -> LLM:
+    return LLM(model, tokenizer=tokenizer, device="cpu", max_model_len=kw.pop("max_model_len", 128), **kw)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+# ---- greedy identity with HF transformers ----------------------------------------------------------------------------
+
+
+def test_single_prompt_matches_hf(case, tokenizer):
+    model, expected = case
+    llm = make_llm(model, tokenizer, max_num_seqs=1)
+    for prompt, ref in zip(prompts(), expected):
+        assert token_ids(llm.generate([prompt], greedy())) == [ref]
+
+
+def test_batch_of_different_lengths_matches_hf_and_a_queue_forms(case, tokenizer):
+    """Five prompts of different lengths and output lengths through two cache slots: three wait, and each joins
+    the running batch when another finishes; every output equals its request run alone through HF."""
+    model, expected = case
+    llm = make_llm(model, tokenizer, max_num_seqs=2)
+    assert llm.engine.cache.num_slots == 2
+    lengths = [NEW, 4, NEW, 7, 10]  # different max_tokens: requests leave at different steps
+    outs = llm.generate(prompts(), [greedy(n) for n in lengths])
+    assert token_ids(outs) == [ref[:n] for ref, n in zip(expected, lengths)]
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * 5
+    assert llm.engine.cache.num_free == 2 and not llm.engine.has_work()
+
+
+def test_requests_joining_mid_run_match_hf(case, tokenizer):
+    """Drive the engine step by step: a request added while others are decoding is prefilled between decode steps
+    and decodes alongside them; nothing any request produces depends on who else is in the batch."""
+    model, expected = case
+    core = make_llm(model, tokenizer, max_num_seqs=3).engine
+    ps = prompts()
+    got: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for delta in core.step():
+            got.setdefault(delta.request_id, []).extend(delta.token_ids)
+
+    core.add_request("r0", ps[0], greedy())
+    core.add_request("r1", ps[1], greedy())
+    for _ in range(4):
+        step()
+    assert len(core.scheduler.running) == 2 and len(got["r0"]) == 4
+    core.add_request("r2", ps[2], greedy())  # joins mid-run
+    core.add_request("r3", ps[3], greedy())  # waits: three slots
+    step()  # prefill of r2 only
+    assert len(got["r2"]) == 1 and len(core.scheduler.waiting) == 1 and core.cache.num_free == 0
+    while core.has_work():
+        step()
+    assert [got[f"r{i}"] for i in range(4)] == expected[:4]
+    assert core.cache.num_free == 3
+
+
+def test_rows_follow_slots_not_batch_order(tokenizer):
+    """After early finishers free low slots, new requests take them and the decode batch has holes: outputs still
+    match requests run alone (the cache is gathered by slot)."""
+    model = tiny_model(seed=2, **WIDE)
+    ps = prompts(seed=5)
+    alone = token_ids(make_llm(model, tokenizer, max_num_seqs=1).generate(ps, greedy()))
+    lengths = [2, NEW, 3, NEW, NEW]
+    mixed = token_ids(make_llm(model, tokenizer, max_num_seqs=3).generate(ps, [greedy(n) for n in lengths]))
+    assert mixed == [ref[:n] for ref, n in zip(alone, lengths)]
+
+
+# ---- sampling -----------------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_reproducible_and_independent_of_neighbours(tokenizer):
+    model = tiny_model(seed=1, **WIDE)
+    ps = prompts()
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=1234, max_tokens=NEW, ignore_eos=True)
+    alone = token_ids(make_llm(model, tokenizer, max_num_seqs=1).generate([ps[0]], params))[0]
+    llm = make_llm(model, tokenizer, max_num_seqs=2)
+    neighbours = [params, greedy(), SamplingParams(temperature=0.7, seed=9, max_tokens=5), SamplingParams(max_tokens=8)]
+    batched = token_ids(llm.generate([ps[0], ps[1], ps[2], ps[3]], neighbours))
+    assert batched[0] == alone
+    assert token_ids(llm.generate([ps[3], ps[0]], [greedy(), params]))[1] == alone  # another row, another slot
+    other_seed = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=99, max_tokens=NEW, ignore_eos=True)
+    assert token_ids(llm.generate([ps[0]], other_seed))[0] != alone  # the seed matters
+
+
+def test_n_completions(tokenizer):
+    """n=3 seeded: three different completions, reproducible, the first equal to n=1 with the same seed; greedy n=2
+    gives two copies of the greedy output (the prompt's cache is copied to the other slot)."""
+    model = tiny_model(seed=1, **WIDE)
+    llm = make_llm(model, tokenizer, max_num_seqs=4)
+    prompt = prompts()[1]
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=NEW, ignore_eos=True)
+    first = llm.generate([prompt], params)[0].outputs
+    again = llm.generate([prompt], params)[0].outputs
+    assert [c.index for c in first] == [0, 1, 2]
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert len({tuple(c.token_ids) for c in first}) == 3
+    single = SamplingParams(n=1, temperature=1.0, seed=7, max_tokens=NEW, ignore_eos=True)
+    assert token_ids(llm.generate([prompt], single))[0] == first[0].token_ids
+    pair = llm.generate([prompt], greedy(n=2))[0].outputs
+    assert pair[0].token_ids == pair[1].token_ids == hf_greedy(model, prompt)
+
+
+# ---- cache and admission ------------------------------------------------------------------------------------------
+
+
+def test_abort_frees_the_slot_at_once(tokenizer):
+    llm = make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_num_seqs=2)
+    core = llm.engine
+    ps = prompts()
+    core.add_request("a", ps[0], greedy(50))
+    core.add_request("b", ps[1], greedy(50))
+    core.add_request("c", ps[2], greedy(50))  # waits
+    core.step()
+    core.step()
+    assert core.cache.num_free == 0 and len(core.scheduler.waiting) == 1
+    deltas = core.abort("a")
+    assert [(d.finished, d.finish_reason) for d in deltas] == [(True, "abort")]
+    assert core.cache.num_free == 1 and [s.request_id for s in core.scheduler.running] == ["b"]
+    assert core.abort("c")[0].finish_reason == "abort" and not core.scheduler.waiting  # a waiting one leaves too
+    assert core.abort("a") == []  # nothing live any more
+    core.abort("b")
+    assert core.cache.num_free == 2 and not core.has_work()
+
+
+def test_leaving_a_stream_frees_the_slot(tokenizer):
+    llm = make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_num_seqs=2)
+    stream = llm.stream(prompts()[0], greedy(50))
+    first = next(stream)
+    assert first.token_ids and llm.engine.cache.num_free == 1
+    stream.close()
+    assert llm.engine.cache.num_free == 2 and not llm.engine.has_work()
+
+
+def test_prompt_longer_than_the_context_is_refused_before_any_work(tokenizer):
+    llm = make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_num_seqs=2, max_model_len=32)
+    short, long = prompts((5, 32))
+    with pytest.raises(PromptTooLongError, match="32 tokens.*max_model_len"):
+        llm.generate([short, long], greedy(4))
+    with pytest.raises(PromptTooLongError, match="max_tokens is 40"):
+        llm.generate([short], greedy(40))  # prompt + max_tokens over the window
+    assert llm.engine.cache.num_free == 2 and not llm.engine.has_work()
+    assert token_ids(llm.generate([short], greedy(4)))[0] == hf_greedy(llm.model, short, 4)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+
+
+def test_lora_merged_at_load_equals_the_merged_model(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tiny_model(seed=1, **WIDE).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(
+        tiny_model(seed=1, **WIDE), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload().eval()
+    prompt = prompts()[2]
+    expected = hf_greedy(merged, prompt)
+    llm = LLM(str(tmp_path / "base"), device="cpu", max_model_len=64, lora=str(tmp_path / "adapter"))
+    assert token_ids(llm.generate([prompt], greedy()))[0] == expected
+    base = LLM(str(tmp_path / "base"), device="cpu", max_model_len=64)
+    assert token_ids(base.generate([prompt], greedy()))[0] != expected  # the adapter changes the output
+
+
+# ---- speculative decoding -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "other"])
+def test_speculative_greedy_equals_the_target_alone(tokenizer, draft_kind):
+    """A draft equal to the target (every proposal accepted) and an unrelated 1-layer draft (most rejected): the
+    output is the target's greedy output either way, batched with different lengths and a sampled neighbour."""
+    target = tiny_model(seed=1, **WIDE)
+    draft = tiny_model(seed=1, **WIDE) if draft_kind == "same" else tiny_model(seed=8, num_hidden_layers=1, **WIDE)
+    ps = prompts()
+    expected = [hf_greedy(target, p) for p in ps[:3]]
+    spec = make_llm(target, tokenizer, max_num_seqs=3, draft_model=draft, num_speculative_tokens=3)
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=NEW, ignore_eos=True)
+    outs = token_ids(spec.generate(ps[:4], [greedy(), greedy(), greedy(), sampled]))
+    assert outs[:3] == expected
+    plain = make_llm(target, tokenizer, max_num_seqs=1)
+    assert outs[3] == token_ids(plain.generate([ps[3]], sampled))[0]  # sampled rows decode plainly, same seed
+    rate = spec.engine.spec.acceptance_rate
+    assert rate == 1.0 if draft_kind == "same" else rate < 0.5
+
+
+def test_generate_cli_speculative_flags(tokenizer, tmp_path, capsys):
+    for name, model in (("target", tiny_model(seed=1, **WIDE)), ("draft", tiny_model(seed=1, **WIDE))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    base = ["generate", "--model", str(tmp_path / "target"), "--prompt", "hello world", "--temperature", "0"]
+    base += ["--max-tokens", "10", "--device", "cpu", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)["completions"][0]
+    spec_args = ["--draft-model", str(tmp_path / "draft"), "--num-speculative-tokens", "3"]
+    assert main(base + spec_args) == 0
+    spec = json.loads(capsys.readouterr().out)["completions"][0]
+    assert spec["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 10
+    assert main(base + ["--draft-model", str(tmp_path / "draft"), "--num-speculative-tokens", "0"]) != 0
+    assert "num-speculative-tokens" in capsys.readouterr().err
