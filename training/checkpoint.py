@@ -52,8 +52,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-save; only the main process saves
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml)
