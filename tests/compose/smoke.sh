@@ -38,6 +38,8 @@ UI="http://127.0.0.1:$MINIMIND_WEBUI_PORT"
 COMPOSE="${MINIMIND_SMOKE_COMPOSE:-}"
 DOCKERD_PID=""
 TORN_DOWN=""
+DOCKER_VERSION=""
+COMPOSE_VERSION=""
 
 RESULTS=()
 START_TS=$(date +%s)
@@ -54,10 +56,15 @@ summary() {
     echo
     echo "==================== compose smoke summary ===================="
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -srm)  cores: $(nproc)  memory: $(free -g | awk '/^Mem/ {print $2}') GiB"
-    echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")  docker: $(docker version --format '{{.Server.Version}}' 2>/dev/null)  compose: $($COMPOSE version --short 2>/dev/null || true)"
+    echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")  docker: ${DOCKER_VERSION:-none}  compose: ${COMPOSE_VERSION:-none}"
     printf '  %s\n' "${RESULTS[@]}"
     echo "total time: $(($(date +%s) - START_TS)) s"
     if [[ "${RESULTS[*]}" == *FAIL* ]]; then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
+    local passed failed skipped
+    passed=$(printf '%s\n' "${RESULTS[@]}" | grep -c '^PASS')
+    failed=$(printf '%s\n' "${RESULTS[@]}" | grep -c '^FAIL')
+    skipped=$(printf '%s\n' "${RESULTS[@]}" | grep -c '^SKIP')
+    echo "smoke: $passed passed, $failed failed$([[ $skipped -gt 0 ]] && echo ", $skipped skipped")"
 }
 
 compose() { $COMPOSE -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"; }
@@ -80,6 +87,7 @@ stop_dockerd() {
     fi
     echo "stopping the dockerd this script started (pid $DOCKERD_PID)"
     kill "$DOCKERD_PID" 2>/dev/null && { wait "$DOCKERD_PID" 2>/dev/null || true; }
+    DOCKERD_PID=""
 }
 trap 'teardown; stop_dockerd' EXIT
 
@@ -101,7 +109,9 @@ if ! docker info >/dev/null 2>&1; then
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
 fi
 docker info >/dev/null 2>&1 || fail "docker engine not reachable (see /tmp/minimind-smoke-dockerd.log)"
-pass "docker engine $(docker version --format '{{.Server.Version}}')$([[ -n "$DOCKERD_PID" ]] && echo ' (started here)'), compose: $COMPOSE $($COMPOSE version --short 2>/dev/null)"
+DOCKER_VERSION=$(docker version --format '{{.Server.Version}}')
+COMPOSE_VERSION=$($COMPOSE version --short 2>/dev/null)
+pass "docker engine $DOCKER_VERSION$([[ -n "$DOCKERD_PID" ]] && echo ' (started here)'), compose: $COMPOSE $COMPOSE_VERSION"
 
 # --- 2. Base image ----------------------------------------------------------------------------------
 say "base image $BASE_IMAGE"
@@ -227,5 +237,6 @@ teardown
 left=$(project_objects)
 [[ "$before" -gt 0 && -z "$left" ]] || fail "tear down (before: $before containers + volumes; left: ${left:-none})"
 pass "torn down: $before containers + volumes of project $PROJECT removed, none left"
+stop_dockerd
 
 summary

@@ -5,6 +5,8 @@
 #
 #   bash tests/ui/chat_screenshot.sh ["message"]
 #
+# The page's temperature is set to 0 (greedy) so that the picture shows the model's most likely answer;
+# TEMPERATURE=keep leaves the page's default.
 # Needs Debian's chromium (installed here with apt-get when missing, as root) and Node.js with npm.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -37,5 +39,5 @@ for _ in $(seq 300); do curl -sf "http://127.0.0.1:$API_PORT/health" >/dev/null 
 curl -sf "http://127.0.0.1:$API_PORT/health" >/dev/null || { tail -30 "$LOGS/serve.log"; exit 1; }
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$UI_PORT/_stcore/health" >/dev/null && break; sleep 1; done
 
-node tests/ui/chat_screenshot.mjs "http://127.0.0.1:$UI_PORT" docs/img/chat.png "$MESSAGE"
+TEMPERATURE="${TEMPERATURE:-0}" node tests/ui/chat_screenshot.mjs "http://127.0.0.1:$UI_PORT" docs/img/chat.png "$MESSAGE"
 echo "logs: $LOGS"
