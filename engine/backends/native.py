@@ -4,11 +4,16 @@ The engine loop runs in one background thread (model work blocks, so it must not
 steps the engine while there is work and sleeps on an event otherwise. Each request has an asyncio queue; the
 thread hands it deltas with `call_soon_threadsafe`. Leaving the `generate()` iteration early (client gone) or
 `abort()` finishes the request in the engine, which frees its cache slot at once.
+
+The event loop never takes the engine's lock: a step holds it for milliseconds and the engine thread takes it
+again at once, so an event loop waiting on it would stop every stream from being written. New requests and
+aborts go to an inbox instead, which the engine thread empties between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -56,6 +61,8 @@ class NativeBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        # Work for the engine thread, run between steps: (function, args, future or None).
+        self._inbox: queue.SimpleQueue[tuple[Any, tuple, asyncio.Future | None]] = queue.SimpleQueue()
         self._stop = False
         self._accepting = False
         self.error: BaseException | None = None
@@ -84,6 +91,7 @@ class NativeBackend:
 
     def _run(self) -> None:
         while not self._stop:
+            self._drain_inbox()
             if not self.core.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -94,20 +102,45 @@ class NativeBackend:
                 self.error = err
                 self._fail_all(err)
                 continue
-            for delta in deltas:
-                self._deliver(delta)
+            if deltas and self._loop is not None:
+                # One wake-up of the event loop per step, not one per stream.
+                self._loop.call_soon_threadsafe(self._hand_out, deltas)
+        self._drain_inbox()  # aborts sent during shutdown
 
-    def _deliver(self, item: CompletionDelta | BaseException) -> None:
-        request_id = item.request_id if isinstance(item, CompletionDelta) else None
-        queue = self._queues.get(request_id) if request_id is not None else None
-        if queue is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(queue.put_nowait, item)
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                func, args, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = func(*args), None
+            except Exception as err:  # handed to the waiting request, which raises it
+                result, error = None, err
+            if future is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(_settle, future, result, error)
+            elif isinstance(result, list) and result and self._loop is not None:  # an abort's final deltas
+                self._loop.call_soon_threadsafe(self._hand_out, result)
+
+    def _submit(self, func: Any, *args: Any, wait: bool) -> asyncio.Future | None:
+        """Run func(*args) on the engine thread between steps; with wait=True, a future of its result."""
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._inbox.put((func, args, future))
+        self._wake.set()
+        return future
+
+    def _hand_out(self, deltas: list[CompletionDelta]) -> None:
+        """On the event loop: each delta to its request's stream (gone streams are skipped)."""
+        for delta in deltas:
+            stream = self._queues.get(delta.request_id)
+            if stream is not None:
+                stream.put_nowait(delta)
 
     def _fail_all(self, err: BaseException) -> None:
-        for request_id, queue in list(self._queues.items()):
+        for request_id, stream in list(self._queues.items()):
             self.core.abort(request_id)
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(queue.put_nowait, err)
+                self._loop.call_soon_threadsafe(stream.put_nowait, err)
 
     # ---- requests -----------------------------------------------------------------------------------------------------
 
@@ -120,18 +153,19 @@ class NativeBackend:
         if request_id in self._queues:
             raise EngineError(f"request id {request_id!r} is already running; use a unique id")
         text, ids = self.llm.encode(prompt)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        stream: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = stream
         try:
-            self.core.add_request(request_id, ids, params, prompt=text)
-        except BaseException:
+            await self._submit(self.core.add_request, request_id, ids, params, text, wait=True)
+        except BaseException as err:
             del self._queues[request_id]
+            if isinstance(err, asyncio.CancelledError):  # the client left while the request was being queued
+                self._submit(self.core.abort, request_id, wait=False)
             raise
-        self._wake.set()
         live = params.n
         try:
             while live:
-                item = await queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     raise EngineError(f"the engine failed while running this request: {item}") from item
                 if item.finished:
@@ -140,13 +174,14 @@ class NativeBackend:
         finally:
             self._queues.pop(request_id, None)
             if live:
-                self.core.abort(request_id)  # client left early: free the cache now
+                self._submit(self.core.abort, request_id, wait=False)  # client left early: free the cache now
 
     async def abort(self, request_id: str) -> None:
-        for delta in self.core.abort(request_id):
-            queue = self._queues.get(request_id)
-            if queue is not None:
-                queue.put_nowait(delta)
+        """Finish a request now; its stream gets the final deltas (finish_reason "abort")."""
+        if self._thread is None:
+            self.core.abort(request_id)
+            return
+        self._submit(self.core.abort, request_id, wait=False)
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """Mean-pooled, L2-normalised last hidden states, one vector per prompt (runs between engine steps)."""
@@ -171,3 +206,12 @@ class NativeBackend:
             cache_usage=self.core.cache.usage,
             free_slots=self.core.cache.num_free,
         )
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
