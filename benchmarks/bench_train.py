@@ -73,6 +73,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_steps(trainer: Trainer, first: int, steps: int) -> float | None:
+    """Profile `steps` more steps: print where CPU and GPU time go; return the GPU's busy fraction of wall time.
+
+    A busy fraction far below 1 means the step is bound by the host (Python and kernel launches), not the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    sync(trainer.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for step in range(first, first + steps):
+            trainer.train_step(step)
+        sync(trainer.device)
+    wall = time.perf_counter() - start
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    if trainer.device.type != "cuda":
+        return None
+    print(table.table(sort_by="self_device_time_total", row_limit=12), flush=True)
+    kernels = sum(e.self_device_time_total for e in table if e.self_device_time_total > 0) / 1e6
+    launches = sum(e.count for e in table if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(
+        f"GPU busy {kernels / wall:.0%} of {wall / steps * 1e3:.1f} ms per step; {launches / steps:.0f} launches per step"
+    )
+    return round(kernels / wall, 3)
+
+
 def bench(preset: str, mode: str, args: argparse.Namespace, tokenizer: Path, scratch: Path) -> dict:
     cfg = TrainConfig(
         stage="pretrain",
@@ -108,6 +136,7 @@ def bench(preset: str, mode: str, args: argparse.Namespace, tokenizer: Path, scr
     sync(device)
     elapsed = time.perf_counter() - start
     last_loss = float(ce) / n_tokens
+    gpu_busy = profile_steps(trainer, args.warmup + args.steps, args.profile) if args.profile else None
     tokens = args.steps * args.batch * args.seq
     flops_per_token = (
         6 * trainer.num_params + 12 * trainer.config.num_hidden_layers * trainer.config.hidden_size * args.seq
@@ -124,6 +153,7 @@ def bench(preset: str, mode: str, args: argparse.Namespace, tokenizer: Path, scr
         "loss_first_last": [round(first_loss, 4), round(last_loss, 4)],
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "mfu": round(tokens / elapsed * flops_per_token / peak, 4) if peak else None,
+        "gpu_busy": gpu_busy,
     }
     upstream = UPSTREAM_H100.get((preset, mode))
     if upstream and "H100" in gpu and (args.batch, args.seq) == (32, 340):
@@ -143,8 +173,9 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compile")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=340)
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--profile", type=int, default=0, help="then profile N more steps (CPU vs GPU time)")
     parser.add_argument("--out", default="", help="JSON file (default: benchmarks/results/train-throughput-<gpu>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
