@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of `docker compose up`: builds the image, starts the API and the chat page, asks the
 # API a chat completion, fetches the page, chats on it in headless Chromium, tears everything down, and
-# prints PASS/FAIL per step. About 11 minutes from nothing on 2 cores (base image 4, build 6.5, checks 1).
+# prints PASS/FAIL per step. 9 to 11 minutes from nothing on 2 cores (base image 3, build 5 to 6, checks 1).
 #
 #   sudo bash tests/compose/smoke.sh          (root: it may install Docker and start dockerd)
 #
@@ -57,6 +57,7 @@ summary() {
     echo "==================== compose smoke summary ===================="
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -srm)  cores: $(nproc)  memory: $(free -g | awk '/^Mem/ {print $2}') GiB"
     echo "os: $(. /etc/os-release && echo "$PRETTY_NAME")  docker: ${DOCKER_VERSION:-none}  compose: ${COMPOSE_VERSION:-none}"
+    echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$([[ -n "$(git -C "$ROOT" status --porcelain 2>/dev/null)" ]] && echo ' (with uncommitted changes)')"
     printf '  %s\n' "${RESULTS[@]}"
     echo "total time: $(($(date +%s) - START_TS)) s"
     if [[ "${RESULTS[*]}" == *FAIL* ]]; then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
