@@ -7,7 +7,10 @@ Measures, per model:
 - speculative decoding (`--spec`): a 16-layer target and a 2-layer draft trained briefly on the same synthetic
   Markov-chain data (random weights accept nothing), batch-1 speed-up and acceptance rate, greedy identity checked.
 
-Results are printed as a table and saved as JSON with the device name, torch version and date.
+Results are printed as a table and saved as JSON with the device name, torch version and date. `--time-budget`
+bounds the whole run: a section that would start after it is skipped (and marked so in the JSON); HF generate is
+skipped above `--hf-max-batch` or when the previous batch suggests it would take over `--hf-max-seconds`.
+`--compile` runs decode steps through torch.compile (GPU); `--profile` adds kernels, GPU and host time per step.
 
     python benchmarks/bench_engine.py --device cuda --preset minimind2-small --preset minimind2 --spec
     python benchmarks/bench_engine.py --device cpu --model default --batches 4 --new-tokens 64
@@ -25,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from benchmarks.engine_profile import profile_decode  # noqa: E402
 from engine.config import MiniMindConfig  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.model import MiniMindForCausalLM  # noqa: E402
@@ -42,7 +47,12 @@ def sync(device: str) -> None:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return f"{cpu} CPU, {torch.get_num_threads()} threads"
 
 
 def random_model(preset: str, dtype: torch.dtype, device: str, **overrides) -> MiniMindForCausalLM:
@@ -78,33 +88,73 @@ def engine_generate(llm: LLM, prompts: list[list[int]], new_tokens: int, device:
     return time.perf_counter() - start, outs[0].outputs[0].token_ids
 
 
-def bench_model(name: str, model, tokenizer, args, device: str) -> dict:
+class Clock:
+    """The run's time budget: sections ask before they start."""
+
+    def __init__(self, budget: float) -> None:
+        self.start, self.budget = time.perf_counter(), budget
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+
+def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock) -> dict:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     short = torch.randint(10, vocab, (1, 16), generator=gen)
     row: dict = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
     max_len = args.prompt_len + args.output_len + args.new_tokens + 16
-    llm = LLM(model, tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=max(args.batches + [1]))
-    # Batch 1 (warm-up first: graph capture, allocator).
+    llm = LLM(
+        model,
+        tokenizer=tokenizer,
+        device=device,
+        max_model_len=max_len,
+        max_num_seqs=max(args.batches + [2]),
+        compile_model=args.compile,
+    )
+    # Batch 1 (warm-up first: compilation, graph capture, allocator).
+    t0 = time.perf_counter()
     engine_generate(llm, [short[0].tolist()], args.new_tokens, device)
-    hf_generate(model, short.to(device), 8, device)
-    t_ours, ours = engine_generate(llm, [short[0].tolist()], args.new_tokens, device)
+    row["warmup_s"] = round(time.perf_counter() - t0, 1)
+    t_ours, ours = min(engine_generate(llm, [short[0].tolist()], args.new_tokens, device) for _ in range(3))
     row["engine_b1_tok_s"] = round(args.new_tokens / t_ours, 1)
+    if args.profile and device.startswith("cuda"):
+        row["profile_b1"] = profile_decode(llm, args.new_tokens, row["engine_b1_tok_s"])
+    if args.compile and device.startswith("cuda"):  # the same engine without torch.compile, for comparison
+        plain = LLM(model, tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=2)
+        engine_generate(plain, [short[0].tolist()], args.new_tokens, device)
+        t_plain, _ = min(engine_generate(plain, [short[0].tolist()], args.new_tokens, device) for _ in range(3))
+        row["engine_no_compile_b1_tok_s"] = round(args.new_tokens / t_plain, 1)
+        if args.profile:
+            row["profile_b1_no_compile"] = profile_decode(plain, args.new_tokens, row["engine_no_compile_b1_tok_s"])
+        del plain
     if not args.skip_hf:
+        hf_generate(model, short.to(device), 8, device)
         t_hf, ref = hf_generate(model, short.to(device), args.new_tokens, device)
         row["hf_b1_tok_s"] = round(args.new_tokens / t_hf, 1)
         same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         row["b1_tokens_identical_to_hf"] = same  # leading tokens equal (bf16 may flip a near-tie late)
     print(f"[{name}] batch 1: {row}", flush=True)
+    hf_seconds: tuple[int, float] | None = None
     for n in args.batches:
+        if clock.left() < 20:
+            row[f"engine_{n}_out_tok_s"] = "skipped: time budget"
+            continue
         prompts = torch.randint(10, vocab, (n, args.prompt_len), generator=gen)
-        engine_generate(llm, prompts[: min(n, 8)].tolist(), 4, device)
+        engine_generate(llm, prompts.tolist(), 4, device)  # warm-up at this batch size (graph capture)
         t_ours, _ = engine_generate(llm, prompts.tolist(), args.output_len, device)
         row[f"engine_{n}_out_tok_s"] = round(n * args.output_len / t_ours, 1)
-        if not args.skip_hf and n <= args.hf_max_batch:
+        projected = hf_seconds[1] * n / hf_seconds[0] if hf_seconds else 0.0
+        if args.skip_hf:
+            pass
+        elif n > args.hf_max_batch or projected > args.hf_max_seconds or projected > clock.left() - 30:
+            row[f"hf_{n}_out_tok_s"] = f"skipped: projected {projected:.0f} s"
+        else:
             t_hf, _ = hf_generate(model, prompts.to(device), args.output_len, device)
             row[f"hf_{n}_out_tok_s"] = round(n * args.output_len / t_hf, 1)
+            hf_seconds = (n, t_hf)
         print(f"[{name}] {n} requests: {row}", flush=True)
+    del llm
     return row
 
 
@@ -119,20 +169,20 @@ def markov_batch(table: torch.Tensor, batch: int, length: int, gen: torch.Genera
     return seq
 
 
-def train(model, table: torch.Tensor, steps: int, device: str) -> float:
+def train(model, table: torch.Tensor, steps: int, device: str, batch_size: int = 32) -> float:
     gen = torch.Generator().manual_seed(2)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss = torch.tensor(0.0)
     for _ in range(steps):
-        batch = markov_batch(table, 32, 128, gen).to(device)
+        batch = markov_batch(table, batch_size, 128, gen).to(device)
         with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def bench_spec(tokenizer, args, device: str, dtype: torch.dtype) -> dict:
@@ -142,31 +192,25 @@ def bench_spec(tokenizer, args, device: str, dtype: torch.dtype) -> dict:
     target = random_model(args.spec_target, torch.float32, device)
     draft = random_model(args.spec_target, torch.float32, device, num_hidden_layers=2)
     t0 = time.perf_counter()
-    target_loss = train(target, table, args.spec_steps, device)
-    draft_loss = train(draft, table, args.spec_steps, device)
+    target_loss = train(target, table, args.spec_steps, device, args.spec_batch)
+    draft_loss = train(draft, table, args.spec_steps, device, args.spec_batch)
     train_s = time.perf_counter() - t0
     target, draft = target.to(dtype), draft.to(dtype)
     prompt = markov_batch(table, 1, 16, torch.Generator().manual_seed(4))[0].tolist()
     max_len = 16 + args.new_tokens + 16
-    plain = LLM(target, tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=4)
-    spec = LLM(
-        target,
-        tokenizer=tokenizer,
-        device=device,
-        max_model_len=max_len,
-        max_num_seqs=4,
-        draft_model=draft,
-        num_speculative_tokens=args.spec_k,
-    )
+    common = dict(tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=4)
+    plain = LLM(target, **common, compile_model=args.spec_compile)
+    spec = LLM(target, **common, draft_model=draft, num_speculative_tokens=args.spec_k, compile_model=args.spec_compile)
     engine_generate(plain, [prompt], args.new_tokens, device)
     engine_generate(spec, [prompt], args.new_tokens, device)
     spec.engine.spec.proposed = spec.engine.spec.accepted = 0
-    t_plain, out_plain = engine_generate(plain, [prompt], args.new_tokens, device)
-    t_spec, out_spec = engine_generate(spec, [prompt], args.new_tokens, device)
+    t_plain, out_plain = min(engine_generate(plain, [prompt], args.new_tokens, device) for _ in range(3))
+    t_spec, out_spec = min(engine_generate(spec, [prompt], args.new_tokens, device) for _ in range(3))
     row = {
         "target": f"{args.spec_target} ({target.config.num_hidden_layers} layers)",
         "draft_layers": 2,
         "k": args.spec_k,
+        "compiled": args.spec_compile,
         "train_steps": args.spec_steps,
         "train_seconds": round(train_s, 1),
         "target_loss": round(target_loss, 3),
@@ -181,18 +225,29 @@ def bench_spec(tokenizer, args, device: str, dtype: torch.dtype) -> dict:
     return row
 
 
+def save(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", action="append", default=[], help="random-weight model of this preset shape")
     parser.add_argument("--model", help="checkpoint path, or 'default' for the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--tokenizer", default="../shared/fixtures/upstream-minimind/minimind2-dense")
+    parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/upstream-minimind/minimind2-dense"))
     parser.add_argument("--dtype", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
     parser.add_argument("--new-tokens", type=int, default=256, help="batch-1 new tokens")
     parser.add_argument("--batches", default="64,256,1024", help="comma-separated request counts ('' = none)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-max-batch", type=int, default=1024, help="largest batch to run HF generate on")
+    parser.add_argument("--hf-max-seconds", type=float, default=60, help="skip an HF batch projected to take longer")
+    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds; later sections are skipped")
+    parser.add_argument("--compile", action="store_true", help="decode steps through torch.compile (GPU)")
+    parser.add_argument("--profile", action="store_true", help="kernels / GPU time / host time per step (GPU)")
+    parser.add_argument("--spec-batch", type=int, default=32, help="sequences of 128 tokens per training step")
+    parser.add_argument("--spec-compile", action="store_true", help="torch.compile in the speculative section")
     parser.add_argument("--skip-hf", action="store_true", help="only the engine")
     parser.add_argument("--spec", action="store_true", help="also measure speculative decoding")
     parser.add_argument("--spec-target", default="minimind2", help="preset of the speculative target")
@@ -203,6 +258,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b]
+    clock = Clock(args.time_budget)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -229,16 +285,18 @@ def main() -> int:
 
             source = default_model_path()
         model, tokenizer = load_model(source, dtype=dtype, device=device)
-        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device))
+        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device, clock))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if (args.preset or args.spec) else None
     for preset in args.preset:
         model = random_model(preset, dtype, device)
-        results["models"].append(bench_model(preset, model, tokenizer, args, device))
+        results["models"].append(bench_model(preset, model, tokenizer, args, device, clock))
+        save(results, args.out)  # partial results survive a later failure
         del model
-    if args.spec:
+    if args.spec and clock.left() < 60:
+        results["speculative"] = "skipped: time budget"
+    elif args.spec:
         results["speculative"] = bench_spec(tokenizer, args, device, dtype)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    save(results, args.out)
     print(f"\n{results['device']}, torch {results['torch']}, {results['date']}, {results['dtype']}")
     keys = sorted({k for m in results["models"] for k in m if k.endswith("tok_s")})
     print("| model | " + " | ".join(keys) + " |")
@@ -246,6 +304,10 @@ def main() -> int:
         print(f"| {m['model']} | " + " | ".join(str(m.get(k, "-")) for k in keys) + " |")
     if "speculative" in results:
         print("speculative:", json.dumps(results["speculative"]))
+    for m in results["models"]:
+        for key in ("profile_b1", "profile_b1_no_compile"):
+            if key in m:
+                print(f"{m['model']} {key}: {json.dumps(m[key])}")
     return 0
 
 

@@ -64,6 +64,7 @@ class EngineCore:
         kv_cache_memory: int | None = None,
         draft_model: MiniMindForCausalLM | None = None,
         num_speculative_tokens: int = 4,
+        compile_model: bool = False,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = max_model_len
@@ -79,13 +80,13 @@ class EngineCore:
         self.cache = KVCache(
             cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, cache_len, dtype, self.device
         )
-        self.runner = ModelRunner(model, self.cache, cuda_graphs, max_step_tokens=max(2, spare))
+        self.runner = ModelRunner(model, self.cache, cuda_graphs, max(2, spare), compile_model)
         self.scheduler = Scheduler(self.cache, max_model_len, max_queue)
         self.spec = None
         if draft_model is not None:
             from engine.spec_decode import SpeculativeDecoder
 
-            self.spec = SpeculativeDecoder(self, draft_model, num_speculative_tokens, cuda_graphs)
+            self.spec = SpeculativeDecoder(self, draft_model, num_speculative_tokens, cuda_graphs, compile_model)
         self.lock = threading.RLock()  # one thread at a time drives the model (engine loop vs. embed)
         self._tensors_key: tuple[int, ...] = ()
         self._tensors: SamplingTensors | None = None
@@ -170,6 +171,8 @@ class EngineCore:
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         t = self.sampling_tensors(seqs)
+        if t.all_greedy and not t.do_penalties and not t.do_min_tokens and t.num_logprobs is None:
+            return SamplerOutput(logits.argmax(dim=-1))  # the common greedy step: one kernel, nothing to upload
         output_lens = torch.tensor([len(s.output_token_ids) for s in seqs], device=self.device)
         prompt_mask = counts = None
         if t.do_penalties:

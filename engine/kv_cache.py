@@ -34,9 +34,11 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One spare position is allocated and never used: every history slice [:, :, :n] is then a strided view,
+        # the whole cache included, so a compiled step does not specialise (and compile again) on n == max_len.
+        shape = (num_slots, num_kv_heads, max_len + 1, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device)[:, :, :max_len] for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device)[:, :, :max_len] for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
         self._free = list(range(num_slots))

@@ -96,7 +96,10 @@ class LLM:
         cuda_graphs: bool = True,
         max_queue: int | None = None,
         kv_cache_memory: int | None = None,
+        compile_model: bool = False,
     ) -> None:
+        """`compile_model`: run decode steps through torch.compile (fewer, fused kernels per step; the first decode
+        step compiles, about a minute on a GPU). `cuda_graphs=False` runs every step eagerly (for debugging)."""
         device = device or default_device()
         target, self.tokenizer = load(model, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora)
         draft = None
@@ -127,6 +130,7 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             draft_model=draft,
             num_speculative_tokens=num_speculative_tokens,
+            compile_model=compile_model,
         )
         self._ids = itertools.count()
 

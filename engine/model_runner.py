@@ -13,6 +13,7 @@ Two forward shapes exist:
 from __future__ import annotations
 
 import bisect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,9 @@ from engine.kv_cache import CacheView, KVCache
 from engine.model import MiniMindForCausalLM
 
 
-def _buckets(limit: int) -> list[int]:
+def _buckets(limit: int, smallest: int = 1) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, limit + 1, 16))
-    return sorted({s for s in sizes if s < limit} | {limit})
+    return sorted({s for s in sizes if smallest <= s < limit} | {limit})
 
 
 def _pick(buckets: list[int], value: int) -> int:
@@ -31,18 +32,34 @@ def _pick(buckets: list[int], value: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: MiniMindForCausalLM, cache: KVCache, cuda_graphs: bool = True, max_step_tokens: int = 8):
+    """`compile_model`: run the captured step through torch.compile (inductor fuses the norms, rotary, SwiGLU and residual
+    adds, about a third of the kernels per layer). It is compiled once with the batch and history length symbolic,
+    so every later graph capture reuses the same code; batch buckets then start at 2 (a size-1 dimension would be
+    specialised and compiled again)."""
+
+    def __init__(
+        self,
+        model: MiniMindForCausalLM,
+        cache: KVCache,
+        cuda_graphs: bool = True,
+        max_step_tokens: int = 8,
+        compile_model: bool = False,
+    ):
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         # MoE routing branches on the host (which experts got tokens), so it cannot be captured.
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not model.config.use_moe
-        self.batch_buckets = _buckets(cache.num_slots)
+        self.compiled = None
+        if compile_model and cache.num_slots >= 2 and (self.use_graphs or self.device.type == "cpu"):
+            self.compiled = torch.compile(self._graph_forward, fullgraph=True, dynamic=False)
+        self.batch_buckets = _buckets(cache.num_slots, 2 if self.compiled is not None else 1)
         self.len_buckets = [64 * 2**i for i in range(32) if 64 * 2**i < cache.max_len] + [cache.max_len]
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        if self.use_graphs:
+        if self.use_graphs or self.compiled is not None:
             self.tokens_buf = torch.zeros(cache.num_slots, max_step_tokens, dtype=torch.long, device=self.device)
             self.start_buf = torch.zeros(cache.num_slots, dtype=torch.long, device=self.device)
+            self.key_pos = torch.arange(cache.max_len, device=self.device)
 
     # ---- forward passes -------------------------------------------------------------------------------------------
 
@@ -53,6 +70,21 @@ class ModelRunner:
         view = CacheView(self.cache, slots, start, kv_len, masked=masked)
         hidden = self.model.model(input_ids=tokens, position_ids=positions, kv_cache=view).last_hidden_state
         return self.model.lm_head(hidden).float()
+
+    def _graph_forward(self, tokens: torch.Tensor, start: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        """The captured step: rows are slots 0..B-1, reading `len(key_pos)` cached positions (a tensor, not an int,
+        so that torch.compile sees the history length as a symbolic size)."""
+        return self._forward(tokens, start, None, key_pos.shape[0])
+
+    def _step_fn(self, batch: int, num_new: int, kv_len: int):
+        """(function, arguments) of one bucketed step over the persistent input buffers; the compiled function gets
+        its sizes marked dynamic so that no bucket compiles again."""
+        args = (self.tokens_buf[:batch, :num_new], self.start_buf[:batch], self.key_pos[:kv_len])
+        if self.compiled is None:
+            return self._graph_forward, args
+        for tensor in args:  # "maybe": a full-cache bucket may still get its own (guarded) variant
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return self.compiled, args
 
     @torch.inference_mode()
     def prefill(
@@ -82,10 +114,12 @@ class ModelRunner:
     def step(self, slots: list[int], tokens: torch.Tensor | list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed each row's T tokens ([B, T], host list or a tensor on any device, so a draft's own samples can be
         fed back without a host sync) from its start position; returns logits [B, T, V] in the rows' order."""
-        tokens = torch.as_tensor(tokens).to(self.device, non_blocking=True)
+        tokens = torch.as_tensor(tokens)
         num_new = tokens.shape[1]
         needed = max(starts) + num_new
-        if not self.use_graphs or num_new > self.tokens_buf.shape[1]:
+        bucketed = self.use_graphs or self.compiled is not None
+        if not bucketed or num_new > self.tokens_buf.shape[1]:
+            tokens = tokens.to(self.device, non_blocking=True)
             start = torch.tensor(starts, device=self.device)
             # Rows that are slots 0..B-1 read a slice of the cache; others gather. One new token at one shared
             # position (batch-1 decode) sees every cached key, so it needs no mask.
@@ -94,34 +128,50 @@ class ModelRunner:
             return self._forward(tokens, start, index, needed, masked)
         batch = _pick(self.batch_buckets, max(slots) + 1)
         kv_len = _pick(self.len_buckets, needed)
-        host_start = torch.zeros(batch, dtype=torch.long)  # free slots in the bucket compute at position 0
-        host_start[slots] = torch.tensor(starts)
-        self.start_buf[:batch].copy_(host_start, non_blocking=True)
+        host_start = [0] * batch  # free slots in the bucket compute at position 0
+        for slot, start in zip(slots, starts):
+            host_start[slot] = start
+        self.start_buf[:batch].copy_(torch.tensor(host_start), non_blocking=True)
         if slots == list(range(batch)):
-            self.tokens_buf[:batch, :num_new].copy_(tokens)
+            self.tokens_buf[:batch, :num_new].copy_(tokens, non_blocking=True)
             index = None
         else:
             index = torch.tensor(slots).to(self.device, non_blocking=True)
-            self.tokens_buf[index, :num_new] = tokens
+            self.tokens_buf[index, :num_new] = tokens.to(self.device, non_blocking=True)
         key = (batch, num_new, kv_len)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
-        graph, logits = self.graphs[key]
-        graph.replay()
+        if not self.use_graphs:  # compiled, on the CPU: no graphs to capture
+            fn, args = self._step_fn(*key)
+            logits = fn(*args)
+        else:
+            if key not in self.graphs:
+                self.graphs[key] = self._capture_or_fall_back(key)
+            graph, logits = self.graphs[key]
+            graph.replay()
         return logits if index is None else logits[index]
+
+    def _capture_or_fall_back(self, key: tuple[int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture a step; if torch.compile fails here (no working Triton, say), go on with eager graphs."""
+        if self.compiled is None:
+            return self._capture(*key)
+        try:
+            return self._capture(*key)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager step is always valid
+            warnings.warn(f"torch.compile of the decode step failed, running it uncompiled: {err}", stacklevel=2)
+            self.compiled = None
+            return self._capture(*key)
 
     def _capture(self, batch: int, num_new: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture one step shape. The buffers already hold this step's real inputs, so warm-up writes are valid."""
-        tokens, start = self.tokens_buf[:batch, :num_new], self.start_buf[:batch]
+        fn, args = self._step_fn(batch, num_new, kv_len)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(tokens, start, None, kv_len)
+                fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(tokens, start, None, kv_len)
+            logits = fn(*args)
         self.pool = graph.pool()
         return graph, logits
 

@@ -37,7 +37,9 @@ def speculates(seq: Sequence) -> bool:
 
 
 class SpeculativeDecoder:
-    def __init__(self, core: EngineCore, draft: MiniMindForCausalLM, k: int, cuda_graphs: bool) -> None:
+    def __init__(
+        self, core: EngineCore, draft: MiniMindForCausalLM, k: int, cuda_graphs: bool, compile_model: bool = False
+    ) -> None:
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {k}")
         self.core, self.draft, self.k = core, draft, k
@@ -52,7 +54,7 @@ class SpeculativeDecoder:
             dtype,
             core.device,
         )  # same slots as the target's: a sequence's slot indexes both caches
-        self.runner = ModelRunner(draft, self.cache, cuda_graphs, max_step_tokens=2)
+        self.runner = ModelRunner(draft, self.cache, cuda_graphs, 2, compile_model)
         self.proposed = 0
         self.accepted = 0
 
