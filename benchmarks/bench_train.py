@@ -115,7 +115,8 @@ def bench(preset: str, mode: str, args: argparse.Namespace, tokenizer: Path, scr
         warmup_steps=1,
         grad_clip=1.0,
         device=args.device,
-        compile=mode == "compile",
+        compile=mode.startswith("compile"),
+        compile_scope="layers" if mode == "compile-layers" else "model",
         report_to="none",
         output_dir=str(scratch / f"{preset}-{mode}"),
     )
@@ -170,7 +171,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--presets", default="minimind3-small,minimind3")
-    parser.add_argument("--modes", default="eager,compile")
+    parser.add_argument(
+        "--modes", default="eager,compile", help="eager, compile (whole decoder) and/or compile-layers (per layer)"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=340)
     parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps")

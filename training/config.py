@@ -76,6 +76,11 @@ class TrainConfig:
         "auto", "auto (bf16 autocast on GPUs that have it, fp16+GradScaler otherwise, fp32 on CPU), bf16, fp16 or fp32"
     )
     compile: bool = _f(False, "torch.compile the model (faster steps after a warm-up compile)")
+    compile_scope: str = _f(
+        "model",
+        "with compile: model (the whole decoder as one graph: fewest launches) or layers (each decoder layer: "
+        "quicker warm-up compile)",
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     distributed: str = _f("ddp", "under torchrun: ddp (replicate the model) or fsdp (shard it with torch fully_shard)")
     # outputs
@@ -113,6 +118,7 @@ class TrainConfig:
             (self.lr > 0, "lr", "must be positive"),
             (self.save_format in ("hf", "pth", "both"), "save_format", "must be hf, pth or both"),
             (self.distributed in ("ddp", "fsdp"), "distributed", "must be ddp or fsdp"),
+            (self.compile_scope in ("model", "layers"), "compile_scope", "must be model or layers"),
             (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
             (self.lora_rank >= 1, "lora_rank", "must be at least 1"),
             (self.keep_last >= 1, "keep_last", "must be at least 1"),

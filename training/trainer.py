@@ -27,7 +27,7 @@ from training.checkpoint import check_world, load_checkpoint, resolve_resume, rn
 from training.config import TrainConfig
 from training.errors import TrainingError
 from training.reporting import Reporter
-from training.setup import build_model, compile_regions, param_groups, precision, setup_distributed
+from training.setup import build_model, compile_model, param_groups, precision, setup_distributed
 
 log = logging.getLogger("minimind.train")
 # Dense bf16 peak of the GPUs MFU is reported for (FLOP/s); others show no MFU rather than a wrong one.
@@ -116,7 +116,7 @@ class Trainer:
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
         )
         if cfg.compile:
-            compile_regions(self.model, self.stage)
+            compile_model(self.model, self.stage, cfg.compile_scope)
         self.start_step, self.tokens_seen = 0, 0
         self.resume()
 
