@@ -4,6 +4,14 @@ One `step()` asks the scheduler what to run (a prefill of newly admitted sequenc
 running ones), runs it through the model runner, samples, and turns each sequence's new tokens into a
 `CompletionDelta` (text from the incremental detokenizer, logprobs, finish state). Finished or aborted sequences
 have already given their cache slot back when their delta is returned.
+
+Steps are pipelined: a step is launched (forward and sampling queued on the device, the sampled tokens written to
+a per-slot device buffer that the next step reads as its input, their copy to the host started) and the previous
+step's tokens are collected afterwards, so the host's work on step N (detokenizing, finishing, scheduling) runs
+while the device computes step N+1. The host therefore learns of a finish one step late: a sequence that stopped
+on EOS or a stop string gets one extra token computed and dropped (one that ends by length is never launched past
+its end). Requests whose sampling needs the token values of the step before (repetition/presence/frequency
+penalties) and speculative decoding run unpipelined: launch, then collect at once.
 """
 
 from __future__ import annotations
@@ -51,6 +59,36 @@ def size_cache_slots(model: MiniMindForCausalLM, max_len: int, max_num_seqs: int
     return max(1, min(max_num_seqs, memory_bytes // per_slot))
 
 
+def needs_output_history(params: SamplingParams) -> bool:
+    """Sampling that reads the tokens generated so far (so the next step cannot be launched before they are known)."""
+    return params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
+
+
+def to_host(out: SamplerOutput) -> SamplerOutput:
+    """Start copying a step's sampler output to the host without waiting (pinned memory on a GPU)."""
+
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to("cpu", non_blocking=True)
+
+    return SamplerOutput(copy(out.token_ids), copy(out.logprobs), copy(out.top_token_ids), copy(out.top_logprobs))
+
+
+class Launched:
+    """A step whose sampled tokens are on their way to the host; `wait()` returns them there."""
+
+    def __init__(self, seqs: list[Sequence], host: SamplerOutput, device: torch.device) -> None:
+        self.seqs, self.host = seqs, host
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
 class EngineCore:
     def __init__(
         self,
@@ -87,6 +125,9 @@ class EngineCore:
             from engine.spec_decode import SpeculativeDecoder
 
             self.spec = SpeculativeDecoder(self, draft_model, num_speculative_tokens, cuda_graphs, compile_model)
+        self.slot_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's newest token
+        self.pending: Launched | None = None  # the step launched last, tokens not yet collected
+        self._history_seqs: list[Sequence] = []  # live sequences whose sampling reads their output tokens
         self.lock = threading.RLock()  # one thread at a time drives the model (engine loop vs. embed)
         self._tensors_key: tuple[int, ...] = ()
         self._tensors: SamplingTensors | None = None
@@ -106,6 +147,8 @@ class EngineCore:
             for seq in seqs:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, self.eos_ids)
             self.scheduler.add(seqs)
+            if needs_output_history(params):
+                self._history_seqs.extend(seqs)
             return seqs
 
     def abort(self, request_id: str) -> list[CompletionDelta]:
@@ -115,25 +158,67 @@ class EngineCore:
             return [self._delta(seq, [], seq.detok.finish("abort"), None) for seq in seqs]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """Requests waiting or running, or a launched step whose tokens someone still needs."""
+        if self.scheduler.has_work():
+            return True
+        return self.pending is not None and not all(s.is_finished for s in self.pending.seqs)
 
     # ---- one step ---------------------------------------------------------------------------------------------------
 
     def step(self) -> list[CompletionDelta]:
+        """Launch the next step, then return the deltas of the one launched before it (see the module doc)."""
         with self.lock:
-            kind, seqs = self.scheduler.schedule()
-            if not seqs:
-                return []
-            if kind == "prefill":
-                return self._prefill(seqs)
-            if self.spec is not None:
-                return self.spec.step(seqs)
-            logits = self.runner.step(
-                [s.slot for s in seqs], [[s.last_token] for s in seqs], [s.num_tokens - 1 for s in seqs]
-            )
-            return self.process(seqs, logits[:, 0])
+            if self._unpipelined():
+                return self._collect_pending() + self._step_now()
+            launched = self._launch()
+            deltas = self._collect_pending()
+            self.pending = launched
+            return deltas
 
-    def _prefill(self, seqs: list[Sequence]) -> list[CompletionDelta]:
+    def _unpipelined(self) -> bool:
+        if self.spec is not None:
+            return True
+        if self._history_seqs:
+            self._history_seqs = [s for s in self._history_seqs if not s.is_finished]
+        return bool(self._history_seqs)
+
+    def _launch(self) -> Launched | None:
+        kind, seqs = self.scheduler.schedule()
+        if kind == "prefill":
+            return self._prefill(seqs)
+        seqs = [s for s in seqs if s.max_new_tokens() > s.num_pending]  # not launched past their last token
+        if not seqs:
+            return None
+        slots = [s.slot for s in seqs]
+        starts = [s.num_tokens + s.num_pending - 1 for s in seqs]
+        logits = self.runner.step(slots, self._slot_rows(self.slot_tokens, slots)[:, None], starts)
+        return self.launch_sample(seqs, logits[:, 0])
+
+    def _step_now(self) -> list[CompletionDelta]:
+        """One unpipelined step: tokens of the last step are on the host and feed this one."""
+        kind, seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        if kind == "prefill":
+            return self.collect(self._prefill(seqs))
+        if self.spec is not None:
+            return self.spec.step(seqs)
+        logits = self.runner.step(
+            [s.slot for s in seqs], [[s.last_token] for s in seqs], [s.num_tokens - 1 for s in seqs]
+        )
+        return self.process(seqs, logits[:, 0])
+
+    def _collect_pending(self) -> list[CompletionDelta]:
+        launched, self.pending = self.pending, None
+        return self.collect(launched) if launched is not None else []
+
+    def _slot_rows(self, tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """tensor's rows of these slots: a view when they are 0..B-1 (the usual decode batch), else a gather."""
+        if slots == list(range(len(slots))):
+            return tensor[: len(slots)]
+        return tensor[torch.tensor(slots, device=self.device)]
+
+    def _prefill(self, seqs: list[Sequence]) -> Launched:
         # Completions of one request (n > 1) share the prompt: prefill it once, copy the cache to the others.
         leaders: dict[str, int] = {}
         rows: list[int] = []
@@ -151,7 +236,7 @@ class EngineCore:
                 seq.prompt_logprobs = self._prompt_logprobs(seq, full[row])
         if self.spec is not None:
             self.spec.prefill(seqs)
-        return self.process(seqs, last[torch.tensor(rows, device=last.device)])
+        return self.launch_sample(seqs, last[torch.tensor(rows, device=last.device)])
 
     # ---- sampling and output ----------------------------------------------------------------------------------------
 
@@ -173,7 +258,7 @@ class EngineCore:
         t = self.sampling_tensors(seqs)
         if t.all_greedy and not t.do_penalties and not t.do_min_tokens and t.num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1))  # the common greedy step: one kernel, nothing to upload
-        output_lens = torch.tensor([len(s.output_token_ids) for s in seqs], device=self.device)
+        output_lens = torch.tensor([len(s.output_token_ids) + s.num_pending for s in seqs], device=self.device)
         prompt_mask = counts = None
         if t.do_penalties:
             prompt_mask = token_counts([s.prompt_token_ids for s in seqs], self.vocab_size, self.device) > 0
@@ -182,16 +267,35 @@ class EngineCore:
 
     def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[CompletionDelta]:
         """Sample one token per sequence from logits [B, V] and append it (or finish sequences with max_tokens=0)."""
+        return self.collect(self.launch_sample(seqs, logits))
+
+    def launch_sample(self, seqs: list[Sequence], logits: torch.Tensor) -> Launched:
+        """Queue sampling from logits [B, V]: the tokens go to the slots' input buffer and start copying to the host."""
         out = self.sample(seqs, logits)
+        if len(seqs) == 1 or [s.slot for s in seqs] == list(range(len(seqs))):
+            self.slot_tokens[seqs[0].slot : seqs[0].slot + len(seqs)].copy_(out.token_ids)
+        else:
+            self.slot_tokens[torch.tensor([s.slot for s in seqs], device=self.device)] = out.token_ids
+        for seq in seqs:
+            seq.num_pending += 1
+        return Launched(seqs, to_host(out), self.device)
+
+    def collect(self, launched: Launched) -> list[CompletionDelta]:
+        """Wait for a launched step's tokens and append them to their sequences (dropped for finished ones)."""
+        out = launched.wait()
         token_ids = out.token_ids.tolist()
         deltas = []
-        for row, (seq, token) in enumerate(zip(seqs, token_ids)):
+        for row, (seq, token) in enumerate(zip(launched.seqs, token_ids)):
+            seq.num_pending -= 1
+            if seq.is_finished:  # stopped or aborted after this step was launched
+                continue
             if seq.max_new_tokens() == 0:  # max_tokens=0: prompt logprobs only
                 seq.detok.finish("length")
                 self.scheduler.finish(seq, "length")
                 deltas.append(self._delta(seq, [], "", None))
                 continue
-            deltas.append(self.append(seq, [token], [self._logprob(out, row, token, seq.params.logprobs)]))
+            logprob = None if out.logprobs is None else self._logprob(out, row, token, seq.params.logprobs)
+            deltas.append(self.append(seq, [token], [logprob]))
         return deltas
 
     def append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> CompletionDelta:

@@ -40,6 +40,7 @@ class Sequence:
     sampler_state: Any = None  # per-sequence sampling state (generator) owned by the sampler
     detok: Any = None  # per-sequence incremental detokenizer
     num_cached: int = 0  # positions of this sequence already written to the KV cache
+    num_pending: int = 0  # tokens sampled on the device but not yet collected (pipelined steps)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -99,13 +99,14 @@ def test_requests_joining_mid_run_match_hf(case, tokenizer):
 
     core.add_request("r0", ps[0], greedy())
     core.add_request("r1", ps[1], greedy())
-    for _ in range(4):
+    while len(got.get("r0", [])) < 4:
         step()
-    assert len(core.scheduler.running) == 2 and len(got["r0"]) == 4
+    assert len(core.scheduler.running) == 2 and len(got["r1"]) == 4
     core.add_request("r2", ps[2], greedy())  # joins mid-run
     core.add_request("r3", ps[3], greedy())  # waits: three slots
     step()  # prefill of r2 only
-    assert len(got["r2"]) == 1 and len(core.scheduler.waiting) == 1 and core.cache.num_free == 0
+    assert [s.request_id for s in core.scheduler.running] == ["r0", "r1", "r2"]
+    assert len(core.scheduler.waiting) == 1 and core.cache.num_free == 0
     while core.has_work():
         step()
     assert [got[f"r{i}"] for i in range(4)] == expected[:4]
