@@ -25,6 +25,21 @@ def count_kernels(fn, *args) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def top_kernels(fn, *args, limit: int = 10) -> list[list]:
+    """[name, launches, total microseconds] of the kernels one call of fn spends the most device time in."""
+    fn(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.count and total:
+            rows.append([e.key[:90], e.count, round(total, 1)])
+    return sorted(rows, key=lambda r: -r[2])[:limit]
+
+
 def replay_us(graph: torch.cuda.CUDAGraph, repeats: int = 200) -> float:
     """Mean GPU microseconds of one replay, replays issued back to back."""
     for _ in range(10):
@@ -51,6 +66,9 @@ def profile_decode(llm, new_tokens: int, tok_s: float) -> dict:
     if runner.compiled is not None:
         fn, args = runner._step_fn(batch, 1, 64)
         result["kernels_per_step_compiled"] = count_kernels(fn, *args)
+        result["top_kernels_compiled"] = top_kernels(fn, *args)
+    else:
+        result["top_kernels_eager"] = top_kernels(runner._graph_forward, tokens, start, runner.key_pos[:64])
     graphs = {key: g for key, g in runner.graphs.items() if key[0] == batch and key[1] == 1}
     if graphs:
         key = max(graphs, key=lambda k: k[2])

@@ -152,6 +152,8 @@ class IncrementalDetokenizer:
     def _take(self) -> str:
         if self._end is not None:
             end = self._end
+        elif not self._max_stop_len:  # no stop strings: nothing to hold back
+            end = len(self.text)
         else:
             end = len(self.text) - stop_hold_length(self.text[self._emitted :], self._params.stop)
         delta = self.text[self._emitted : end] if end > self._emitted else ""

@@ -28,7 +28,7 @@ from engine.model_runner import ModelRunner
 from engine.sampling import SamplerOutput, SamplingTensors, sample, token_counts
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 
 def eos_token_ids(model: MiniMindForCausalLM, tokenizer) -> list[int]:
@@ -76,8 +76,8 @@ def to_host(out: SamplerOutput) -> SamplerOutput:
 class Launched:
     """A step whose sampled tokens are on their way to the host; `wait()` returns them there."""
 
-    def __init__(self, seqs: list[Sequence], host: SamplerOutput, device: torch.device) -> None:
-        self.seqs, self.host = seqs, host
+    def __init__(self, seqs: list[Sequence], host: SamplerOutput, device: torch.device, prefill: bool) -> None:
+        self.seqs, self.host, self.prefill = seqs, host, prefill
         self.event = None
         if device.type == "cuda":
             self.event = torch.cuda.Event()
@@ -190,7 +190,7 @@ class EngineCore:
         if not seqs:
             return None
         slots = [s.slot for s in seqs]
-        starts = [s.num_tokens + s.num_pending - 1 for s in seqs]
+        starts = [len(s.prompt_token_ids) + len(s.output_token_ids) + s.num_pending - 1 for s in seqs]
         logits = self.runner.step(slots, self._slot_rows(self.slot_tokens, slots)[:, None], starts)
         return self.launch_sample(seqs, logits[:, 0])
 
@@ -236,7 +236,7 @@ class EngineCore:
                 seq.prompt_logprobs = self._prompt_logprobs(seq, full[row])
         if self.spec is not None:
             self.spec.prefill(seqs)
-        return self.launch_sample(seqs, last[torch.tensor(rows, device=last.device)])
+        return self.launch_sample(seqs, last[torch.tensor(rows, device=last.device)], prefill=True)
 
     # ---- sampling and output ----------------------------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ class EngineCore:
         """Sample one token per sequence from logits [B, V] and append it (or finish sequences with max_tokens=0)."""
         return self.collect(self.launch_sample(seqs, logits))
 
-    def launch_sample(self, seqs: list[Sequence], logits: torch.Tensor) -> Launched:
+    def launch_sample(self, seqs: list[Sequence], logits: torch.Tensor, prefill: bool = False) -> Launched:
         """Queue sampling from logits [B, V]: the tokens go to the slots' input buffer and start copying to the host."""
         out = self.sample(seqs, logits)
         if len(seqs) == 1 or [s.slot for s in seqs] == list(range(len(seqs))):
@@ -278,18 +278,19 @@ class EngineCore:
             self.slot_tokens[torch.tensor([s.slot for s in seqs], device=self.device)] = out.token_ids
         for seq in seqs:
             seq.num_pending += 1
-        return Launched(seqs, to_host(out), self.device)
+        return Launched(seqs, to_host(out), self.device, prefill)
 
     def collect(self, launched: Launched) -> list[CompletionDelta]:
         """Wait for a launched step's tokens and append them to their sequences (dropped for finished ones)."""
         out = launched.wait()
         token_ids = out.token_ids.tolist()
         deltas = []
+        finished = SequenceStatus.FINISHED
         for row, (seq, token) in enumerate(zip(launched.seqs, token_ids)):
             seq.num_pending -= 1
-            if seq.is_finished:  # stopped or aborted after this step was launched
+            if seq.status is finished:  # stopped or aborted after this step was launched
                 continue
-            if seq.max_new_tokens() == 0:  # max_tokens=0: prompt logprobs only
+            if launched.prefill and seq.params.max_tokens == 0:  # prompt logprobs only
                 seq.detok.finish("length")
                 self.scheduler.finish(seq, "length")
                 deltas.append(self._delta(seq, [], "", None))
@@ -300,21 +301,22 @@ class EngineCore:
 
     def append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> CompletionDelta:
         """Append tokens to a sequence (the detokenizer drops any after a stop), finishing it when it ends."""
+        detok = seq.detok
         before = len(seq.output_token_ids)
-        text = seq.detok.add_tokens(tokens)
-        kept = seq.detok.token_ids[before:]
+        text = detok.add_tokens(tokens)
+        kept = detok.token_ids[before:]
         # The context window can also end it (the detokenizer only knows max_tokens).
-        room = seq.max_total_len - seq.num_prompt_tokens - before
-        if len(kept) >= room and not seq.detok.finished:
+        room = seq.max_total_len - len(seq.prompt_token_ids) - before
+        if len(kept) >= room and detok.finish_reason is None:
             kept = kept[:room]
-            text += seq.detok.finish("length")
+            text += detok.finish("length")
         seq.output_token_ids.extend(kept)
-        kept_logprobs = [lp for lp in logprobs[: len(kept)] if lp is not None]
-        seq.cumulative_logprob += sum(lp.logprob for lp in kept_logprobs)
-        if seq.detok.finished:
-            self.scheduler.finish(seq, seq.detok.finish_reason, seq.detok.stop_reason)
+        if detok.finish_reason is not None:
+            self.scheduler.finish(seq, detok.finish_reason, detok.stop_reason)
         if seq.params.logprobs is None:
             return self._delta(seq, kept, text, None)
+        kept_logprobs = [lp for lp in logprobs[: len(kept)] if lp is not None]
+        seq.cumulative_logprob += sum(lp.logprob for lp in kept_logprobs)
         seq.logprobs = (seq.logprobs or []) + kept_logprobs
         return self._delta(seq, kept, text, kept_logprobs)
 

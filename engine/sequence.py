@@ -60,7 +60,9 @@ class Sequence:
 
     def max_new_tokens(self) -> int:
         """Tokens this sequence may still produce: the smaller of max_tokens and what the context leaves."""
-        room = self.max_total_len - self.num_tokens
-        if self.params.max_tokens is not None:
-            room = min(room, self.params.max_tokens - len(self.output_token_ids))
-        return max(room, 0)
+        generated = len(self.output_token_ids)  # (called per sequence per step: plain arithmetic, no properties)
+        room = self.max_total_len - len(self.prompt_token_ids) - generated
+        max_tokens = self.params.max_tokens
+        if max_tokens is not None and max_tokens - generated < room:
+            room = max_tokens - generated
+        return room if room > 0 else 0
