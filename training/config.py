@@ -81,6 +81,11 @@ class TrainConfig:
         "with compile: model (the whole decoder as one graph: fewest launches) or layers (each decoder layer: "
         "quicker warm-up compile)",
     )
+    compile_mode: str = _f(
+        "default",
+        "with compile: torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune, "
+        "max-autotune-no-cudagraphs)",
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     distributed: str = _f("ddp", "under torchrun: ddp (replicate the model) or fsdp (shard it with torch fully_shard)")
     # outputs
@@ -119,6 +124,11 @@ class TrainConfig:
             (self.save_format in ("hf", "pth", "both"), "save_format", "must be hf, pth or both"),
             (self.distributed in ("ddp", "fsdp"), "distributed", "must be ddp or fsdp"),
             (self.compile_scope in ("model", "layers"), "compile_scope", "must be model or layers"),
+            (
+                self.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                "compile_mode",
+                "must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
+            ),
             (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
             (self.lora_rank >= 1, "lora_rank", "must be at least 1"),
             (self.keep_last >= 1, "keep_last", "must be at least 1"),

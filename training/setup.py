@@ -96,7 +96,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def compile_model(model: nn.Module, stage: Any, scope: str) -> None:
+def compile_model(model: nn.Module, stage: Any, scope: str, mode: str = "default") -> None:
     """torch.compile the decoder (scope "model": one graph for the whole stack, the fewest kernel launches per
     step; scope "layers": each decoder layer, "regional compilation", whose warm-up compile takes seconds
     instead of a minute because the layers share one graph) and the loss.
@@ -104,8 +104,8 @@ def compile_model(model: nn.Module, stage: Any, scope: str) -> None:
     The loss is compiled so the logits' float upcast, log-softmax and gather fuse into one pass.
     """
     if scope == "model":
-        model.model.compile()
+        model.model.compile(mode=mode)
     else:
         for layer in model.model.layers:
-            layer.compile()
+            layer.compile(mode=mode)
     stage.cross_entropy = torch.compile(stage.cross_entropy)

@@ -116,7 +116,7 @@ class Trainer:
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
         )
         if cfg.compile:
-            compile_model(self.model, self.stage, cfg.compile_scope)
+            compile_model(self.model, self.stage, cfg.compile_scope, cfg.compile_mode)
         self.start_step, self.tokens_seen = 0, 0
         self.resume()
 
