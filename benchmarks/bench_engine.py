@@ -98,15 +98,18 @@ class Clock:
         return self.budget - (time.perf_counter() - self.start)
 
 
-def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock) -> dict:
+def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, source=None) -> dict:
+    """`model` runs HF generate; the engine loads `source` (a checkpoint path: its own copy, laid out its own way)
+    or, when None, shares the model object."""
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     short = torch.randint(10, vocab, (1, 16), generator=gen)
     row: dict = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
     max_len = args.prompt_len + args.output_len + args.new_tokens + 16
     llm = LLM(
-        model,
+        source or model,
         tokenizer=tokenizer,
+        dtype=next(model.parameters()).dtype,
         device=device,
         max_model_len=max_len,
         max_num_seqs=max(args.batches + [2]),
@@ -129,9 +132,10 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock) ->
             row["profile_b1_no_compile"] = profile_decode(plain, args.new_tokens, row["engine_no_compile_b1_tok_s"])
         del plain
     if not args.skip_hf:
+        hf_tokens = args.hf_new_tokens or args.new_tokens
         hf_generate(model, short.to(device), 8, device)
-        t_hf, ref = hf_generate(model, short.to(device), args.new_tokens, device)
-        row["hf_b1_tok_s"] = round(args.new_tokens / t_hf, 1)
+        t_hf, ref = min(hf_generate(model, short.to(device), hf_tokens, device) for _ in range(args.hf_repeats))
+        row["hf_b1_tok_s"] = round(hf_tokens / t_hf, 1)
         same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         row["b1_tokens_identical_to_hf"] = same  # leading tokens equal (bf16 may flip a near-tie late)
     print(f"[{name}] batch 1: {row}", flush=True)
@@ -142,7 +146,7 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock) ->
             continue
         prompts = torch.randint(10, vocab, (n, args.prompt_len), generator=gen)
         engine_generate(llm, prompts.tolist(), 4, device)  # warm-up at this batch size (graph capture)
-        t_ours, _ = engine_generate(llm, prompts.tolist(), args.output_len, device)
+        t_ours, _ = min(engine_generate(llm, prompts.tolist(), args.output_len, device) for _ in range(args.repeats))
         row[f"engine_{n}_out_tok_s"] = round(n * args.output_len / t_ours, 1)
         projected = hf_seconds[1] * n / hf_seconds[0] if hf_seconds else 0.0
         if args.skip_hf:
@@ -241,6 +245,9 @@ def main() -> int:
     parser.add_argument("--batches", default="64,256,1024", help="comma-separated request counts ('' = none)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1, help="timed engine runs per batch size (the best counts)")
+    parser.add_argument("--hf-repeats", type=int, default=1, help="timed HF batch-1 runs (the best counts)")
+    parser.add_argument("--hf-new-tokens", type=int, default=None, help="HF batch-1 new tokens (default: same)")
     parser.add_argument("--hf-max-batch", type=int, default=1024, help="largest batch to run HF generate on")
     parser.add_argument("--hf-max-seconds", type=float, default=60, help="skip an HF batch projected to take longer")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds; later sections are skipped")
@@ -285,7 +292,7 @@ def main() -> int:
 
             source = default_model_path()
         model, tokenizer = load_model(source, dtype=dtype, device=device)
-        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device, clock))
+        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device, clock, source))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if (args.preset or args.spec) else None
     for preset in args.preset:
         model = random_model(preset, dtype, device)

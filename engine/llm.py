@@ -74,8 +74,13 @@ def load(
         model = default_model_path()
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         loaded, _ = load_model(model, dtype=dtype, device=device, lora=lora)
-        return loaded, tokenizer
-    return load_model(model, dtype=dtype, device=device, tokenizer=tokenizer, lora=lora)
+    else:
+        loaded, tokenizer = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer, lora=lora)
+    if torch.device(device).type == "cpu":  # our own copy of the weights: lay them out for CPU decoding
+        from engine.model_runner import use_cpu_decode_layout
+
+        use_cpu_decode_layout(loaded)
+    return loaded, tokenizer
 
 
 class LLM:

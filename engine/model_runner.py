@@ -22,6 +22,17 @@ from engine.kv_cache import CacheView, KVCache
 from engine.model import MiniMindForCausalLM
 
 
+@torch.no_grad()
+def use_cpu_decode_layout(model: torch.nn.Module) -> None:
+    """Store the weight of every widening linear layer (out >= 2 * in: gate/up projections, the LM head) transposed,
+    in place. Values are unchanged; the CPU BLAS then reads x @ W^T as one pass over a [in, out] row-major matrix,
+    measured 1.7-1.9x faster for single-token decode on a 2-core AMD EPYC (fp32, 8 -> 13-17 GB/s). Narrow and square
+    layers are faster in the usual layout. Meant for CPU models the engine loaded itself (it changes strides)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features >= 2 * module.in_features:
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
 def _buckets(limit: int, smallest: int = 1) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, limit + 1, 16))
     return sorted({s for s in sizes if smallest <= s < limit} | {limit})
