@@ -25,7 +25,7 @@ _FLAG_OF = {
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --lora, --draft-model, --num-speculative-tokens, --device, --dtype, --max-model-len."""
+    """--model, --lora, --draft-model, --num-speculative-tokens, --device, --dtype, --max-model-len, --compile."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -61,6 +61,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-model-len", type=int, default=None, help="context window in tokens, prompt + output (default: model's)"
     )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="GPU: run decode steps through torch.compile (about 2x faster at small batch sizes; the first "
+        "decode step waits 30-60 s while it compiles)",
+    )
 
 
 def llm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,6 +84,7 @@ def llm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "tokenizer": args.tokenizer,
         "draft_model": args.draft_model,
         "num_speculative_tokens": args.num_speculative_tokens,
+        "compile_model": getattr(args, "compile", False),
     }
     return kwargs
 

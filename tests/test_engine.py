@@ -261,3 +261,15 @@ def test_generate_cli_speculative_flags(tokenizer, tmp_path, capsys):
     assert spec["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 10
     assert main(base + ["--draft-model", str(tmp_path / "draft"), "--num-speculative-tokens", "0"]) != 0
     assert "num-speculative-tokens" in capsys.readouterr().err
+
+
+def test_cli_model_flags_reach_the_engine():
+    import argparse
+
+    from engine.cli_args import add_model_arguments, llm_kwargs_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    kwargs = llm_kwargs_from_args(parser.parse_args(["--draft-model", "d", "--num-speculative-tokens", "6"]))
+    assert (kwargs["draft_model"], kwargs["num_speculative_tokens"], kwargs["compile_model"]) == ("d", 6, False)
+    assert llm_kwargs_from_args(parser.parse_args(["--compile"]))["compile_model"] is True
