@@ -103,6 +103,7 @@ class EngineCore:
         draft_model: MiniMindForCausalLM | None = None,
         num_speculative_tokens: int = 4,
         compile_model: bool = False,
+        cpu_layouts=None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = max_model_len
@@ -118,7 +119,7 @@ class EngineCore:
         self.cache = KVCache(
             cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, cache_len, dtype, self.device
         )
-        self.runner = ModelRunner(model, self.cache, cuda_graphs, max(2, spare), compile_model)
+        self.runner = ModelRunner(model, self.cache, cuda_graphs, max(2, spare), compile_model, cpu_layouts)
         self.scheduler = Scheduler(self.cache, max_model_len, max_queue)
         self.spec = None
         if draft_model is not None:

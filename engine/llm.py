@@ -76,10 +76,6 @@ def load(
         loaded, _ = load_model(model, dtype=dtype, device=device, lora=lora)
     else:
         loaded, tokenizer = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer, lora=lora)
-    if torch.device(device).type == "cpu":  # our own copy of the weights: lay them out for CPU decoding
-        from engine.model_runner import use_cpu_decode_layout
-
-        use_cpu_decode_layout(loaded)
     return loaded, tokenizer
 
 
@@ -107,6 +103,11 @@ class LLM:
         step compiles, about a minute on a GPU). `cuda_graphs=False` runs every step eagerly (for debugging)."""
         device = device or default_device()
         target, self.tokenizer = load(model, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora)
+        cpu_layouts = None
+        if torch.device(device).type == "cpu" and not isinstance(model, MiniMindForCausalLM):
+            from engine.model_runner import CpuWeightLayouts
+
+            cpu_layouts = CpuWeightLayouts(target)  # our own copy of the weights: lay them out per step size
         draft = None
         if draft_model is not None:
             draft, _ = load(draft_model, device=device, dtype=next(target.parameters()).dtype, tokenizer=self.tokenizer)
@@ -136,6 +137,7 @@ class LLM:
             draft_model=draft,
             num_speculative_tokens=num_speculative_tokens,
             compile_model=compile_model,
+            cpu_layouts=cpu_layouts,
         )
         self._ids = itertools.count()
 
