@@ -119,7 +119,16 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, so
     t0 = time.perf_counter()
     engine_generate(llm, [short[0].tolist()], args.new_tokens, device)
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
-    t_ours, ours = min(engine_generate(llm, [short[0].tolist()], args.new_tokens, device) for _ in range(3))
+    # Engine and HF alternate (rounds), so that a busy spell on a shared machine hits both; the best run counts.
+    hf_tokens = args.hf_new_tokens or args.new_tokens
+    if not args.skip_hf:
+        hf_generate(model, short.to(device), 8, device)
+    ours_runs, hf_runs = [], []
+    for _ in range(args.rounds):
+        ours_runs.append(engine_generate(llm, [short[0].tolist()], args.new_tokens, device))
+        if not args.skip_hf and len(hf_runs) < args.hf_repeats:
+            hf_runs.append(hf_generate(model, short.to(device), hf_tokens, device))
+    t_ours, ours = min(ours_runs)
     row["engine_b1_tok_s"] = round(args.new_tokens / t_ours, 1)
     if args.profile and device.startswith("cuda"):
         row["profile_b1"] = profile_decode(llm, args.new_tokens, row["engine_b1_tok_s"])
@@ -131,10 +140,8 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, so
         if args.profile:
             row["profile_b1_no_compile"] = profile_decode(plain, args.new_tokens, row["engine_no_compile_b1_tok_s"])
         del plain
-    if not args.skip_hf:
-        hf_tokens = args.hf_new_tokens or args.new_tokens
-        hf_generate(model, short.to(device), 8, device)
-        t_hf, ref = min(hf_generate(model, short.to(device), hf_tokens, device) for _ in range(args.hf_repeats))
+    if hf_runs:
+        t_hf, ref = min(hf_runs)
         row["hf_b1_tok_s"] = round(hf_tokens / t_hf, 1)
         same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         row["b1_tokens_identical_to_hf"] = same  # leading tokens equal (bf16 may flip a near-tie late)
@@ -154,7 +161,7 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, so
         elif n > args.hf_max_batch or projected > args.hf_max_seconds or projected > clock.left() - 30:
             row[f"hf_{n}_out_tok_s"] = f"skipped: projected {projected:.0f} s"
         else:
-            t_hf, _ = hf_generate(model, prompts.to(device), args.output_len, device)
+            t_hf, _ = min(hf_generate(model, prompts.to(device), args.output_len, device) for _ in range(args.repeats))
             row[f"hf_{n}_out_tok_s"] = round(n * args.output_len / t_hf, 1)
             hf_seconds = (n, t_hf)
         print(f"[{name}] {n} requests: {row}", flush=True)
@@ -245,8 +252,9 @@ def main() -> int:
     parser.add_argument("--batches", default="64,256,1024", help="comma-separated request counts ('' = none)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=1, help="timed engine runs per batch size (the best counts)")
-    parser.add_argument("--hf-repeats", type=int, default=1, help="timed HF batch-1 runs (the best counts)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per batch size, each system (best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed batch-1 engine runs (the best counts)")
+    parser.add_argument("--hf-repeats", type=int, default=1, help="timed HF batch-1 runs, one per round at most")
     parser.add_argument("--hf-new-tokens", type=int, default=None, help="HF batch-1 new tokens (default: same)")
     parser.add_argument("--hf-max-batch", type=int, default=1024, help="largest batch to run HF generate on")
     parser.add_argument("--hf-max-seconds", type=float, default=60, help="skip an HF batch projected to take longer")
