@@ -124,6 +124,31 @@ def test_rows_follow_slots_not_batch_order(tokenizer):
     assert mixed == [ref[:n] for ref, n in zip(alone, lengths)]
 
 
+def test_stop_token_mid_batch_ends_only_that_request(case, tokenizer):
+    """Steps are pipelined, so the engine learns of a stop one step late: the token computed past it is dropped,
+    the neighbour is unaffected, and the slot is free when generate returns."""
+    model, expected = case
+    llm = make_llm(model, tokenizer, max_num_seqs=2)
+    stop_at = next(i for i in range(2, NEW) if expected[0][i] not in expected[0][:i])  # first occurrence
+    outs = llm.generate(prompts()[:2], [greedy(stop_token_ids=[expected[0][stop_at]]), greedy()])
+    first = outs[0].outputs[0]
+    assert first.token_ids == expected[0][: stop_at + 1]  # the stop token is kept in token_ids, as in vLLM
+    assert (first.finish_reason, first.stop_reason) == ("stop", expected[0][stop_at])
+    assert outs[1].outputs[0].token_ids == expected[1]
+    assert llm.engine.cache.num_free == 2 and not llm.engine.has_work()
+
+
+def test_penalised_neighbour_switches_to_unpipelined_steps(case, tokenizer):
+    """A request with a repetition penalty needs its previous tokens on the host before each step; greedy
+    requests around it still produce HF's output."""
+    model, expected = case
+    llm = make_llm(model, tokenizer, max_num_seqs=3)
+    penalised = SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(prompts()[:3], [greedy(), penalised, greedy()])
+    assert token_ids(outs)[0] == expected[0] and token_ids(outs)[2] == expected[2]
+    assert len(outs[1].outputs[0].token_ids) == 6
+
+
 # ---- sampling -----------------------------------------------------------------------------------------------------
 
 
