@@ -26,6 +26,10 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.config import MiniMindConfig
 
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.2x); generate()
+# passes whichever its version uses, so the forward passes accept both and outputs use the installed name.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class EngineKVCache(Protocol):
     """What the engine passes as `kv_cache`: it stores k/v for `layer_idx` and returns attention output."""
@@ -251,8 +255,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
         use_cache: bool | None = None,
         kv_cache: EngineKVCache | None = None,
         output_hidden_states: bool = False,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> MiniMindModelOutput:
+        if past_key_values is None:
+            past_key_values = cache
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, seq_len = x.shape[:2]
         if kv_cache is None and use_cache and past_key_values is None:
@@ -282,9 +289,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
             all_hidden[-1] = x
         return MiniMindModelOutput(
             last_hidden_state=x,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             aux_loss=aux_loss,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
 
 
@@ -327,13 +334,14 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         kv_cache: EngineKVCache | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool = False,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache if use_cache is not None else (self.config.use_cache and labels is None),
             kv_cache=kv_cache,
@@ -350,8 +358,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=out.aux_loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
         )
 
 
