@@ -38,6 +38,30 @@ class CompletionDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # only on the first delta, when asked for
 
 
+def merge_deltas(first: CompletionDelta, later: CompletionDelta) -> CompletionDelta:
+    """One delta standing for two consecutive deltas of the same completion.
+
+    A stream whose reader falls behind the engine (many streams, one event loop) gets fewer, larger events
+    instead of a growing backlog, as vLLM's output collector does; the text and tokens are unchanged.
+    """
+    logprobs = None
+    if first.logprobs is not None or later.logprobs is not None:
+        logprobs = (first.logprobs or []) + (later.logprobs or [])
+    return CompletionDelta(
+        request_id=first.request_id,
+        index=first.index,
+        text=first.text + later.text,
+        token_ids=first.token_ids + later.token_ids,
+        logprobs=logprobs,
+        finished=later.finished,
+        finish_reason=later.finish_reason,
+        stop_reason=later.stop_reason,
+        num_prompt_tokens=first.num_prompt_tokens or later.num_prompt_tokens,
+        num_generated_tokens=later.num_generated_tokens,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
+    )
+
+
 @dataclass
 class ModelInfo:
     name: str  # served model name

@@ -76,11 +76,18 @@ class ServerMetrics:
                 self.prompt_tokens.labels(name).inc(delta.num_prompt_tokens)
                 counted_prompt = True
             if delta.token_ids:
-                self.generation_tokens.labels(name).inc(len(delta.token_ids))
+                count = len(delta.token_ids)
+                self.generation_tokens.labels(name).inc(count)
+                # One inter-token observation per token after the first, as an engine counts them; a delta that
+                # carries several tokens (a stream read late) spreads its gap evenly over them.
                 if delta.index in last:
-                    self.itl.labels(name).observe(now - last[delta.index])
-                elif not last:
-                    self.ttft.labels(name).observe(now - started)
+                    gaps = [(now - last[delta.index]) / count] * count
+                else:
+                    if not last:
+                        self.ttft.labels(name).observe(now - started)
+                    gaps = [0.0] * (count - 1)
+                for gap in gaps:
+                    self.itl.labels(name).observe(gap)
                 last[delta.index] = now
             if delta.finished:
                 self.request_success.labels(name, delta.finish_reason or "stop").inc()

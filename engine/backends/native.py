@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from engine.backend import CompletionDelta, EngineStats, ModelInfo
+from engine.backend import CompletionDelta, EngineStats, ModelInfo, merge_deltas
 from engine.errors import EngineError, PromptTooLongError, QueueFullError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -70,6 +70,11 @@ class NativeBackend:
     # ---- lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.core.runner.compiled is not None:
+            # Compile now, not in the first client's request (about a minute on a GPU): later batch sizes
+            # reuse this compilation.
+            warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            await asyncio.to_thread(self.llm.generate, ["warm-up", "warm-up"], warm_up)
         self._loop = asyncio.get_running_loop()
         self._stop, self._accepting = False, True
         self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
@@ -163,11 +168,20 @@ class NativeBackend:
                 self._submit(self.core.abort, request_id, wait=False)
             raise
         live = params.n
+        pending: CompletionDelta | BaseException | None = None
         try:
             while live:
-                item = await stream.get()
+                item = pending if pending is not None else await stream.get()
+                pending = None
                 if isinstance(item, BaseException):
                     raise EngineError(f"the engine failed while running this request: {item}") from item
+                # Deltas that piled up while this stream was not read go out as one.
+                while not item.finished and not stream.empty():
+                    later = stream.get_nowait()
+                    if isinstance(later, BaseException) or later.index != item.index:
+                        pending = later
+                        break
+                    item = merge_deltas(item, later)
                 if item.finished:
                     live -= 1
                 yield item

@@ -1,0 +1,52 @@
+"""The native backend's streams: deltas that pile up while a stream is not read are handed out as one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.backend import CompletionDelta, TokenLogprob, merge_deltas
+from engine.backends.native import NativeBackend
+from engine.sampling_params import SamplingParams
+from tests.test_server_support import tiny_model_dir
+
+
+def test_merge_deltas_joins_text_tokens_and_logprobs_and_keeps_the_end():
+    first = CompletionDelta(
+        "r", 0, "he", [5], [TokenLogprob(5, "he", -0.5)], num_prompt_tokens=3, num_generated_tokens=1
+    )
+    later = CompletionDelta(
+        "r", 0, "llo", [7, 8], [TokenLogprob(7, "l", -1.0), TokenLogprob(8, "lo", -2.0)], True, "stop", "o", 0, 3
+    )
+    merged = merge_deltas(first, later)
+    assert (merged.text, merged.token_ids) == ("hello", [5, 7, 8])
+    assert [entry.logprob for entry in merged.logprobs] == [-0.5, -1.0, -2.0]
+    assert (merged.finished, merged.finish_reason, merged.stop_reason) == (True, "stop", "o")
+    assert (merged.num_prompt_tokens, merged.num_generated_tokens) == (3, 3)
+    no_logprobs = merge_deltas(CompletionDelta("r", 0, "a", [1]), CompletionDelta("r", 0, "b", [2]))
+    assert no_logprobs.logprobs is None
+
+
+def test_a_stream_read_late_gets_its_backlog_as_one_delta_with_every_token():
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def run() -> tuple[list[CompletionDelta], list[CompletionDelta]]:
+        backend = NativeBackend(str(tiny_model_dir()), device="cpu", max_model_len=128, max_num_seqs=2)
+        await backend.start()
+        try:
+            read_at_once = [delta async for delta in backend.generate("hello there", params, "prompt-read")]
+            late = backend.generate("hello there", params, "late-read")
+            first = await anext(late)  # the request is running; now let the engine finish it unread
+            while backend.core.has_work():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the last step's deltas reach the stream's queue
+            return read_at_once, [first] + [delta async for delta in late]
+        finally:
+            await backend.shutdown(drain_timeout=1)
+
+    read_at_once, late = asyncio.run(run())
+    tokens = [t for d in read_at_once for t in d.token_ids]
+    assert len(tokens) == 12
+    assert len(late) == 2  # the first delta, then everything generated meanwhile in one
+    assert [t for d in late for t in d.token_ids] == tokens
+    assert "".join(d.text for d in late) == "".join(d.text for d in read_at_once)
+    assert late[-1].finished and late[-1].finish_reason == "length" and late[-1].num_generated_tokens == 12
