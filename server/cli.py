@@ -62,6 +62,7 @@ def build_backend(settings: Settings) -> Any:
         tokenizer=settings.tokenizer,
         served_model_name=settings.served_model_name,
         max_queue=settings.max_queue,
+        compile_model=settings.compile,
     )
 
 

@@ -36,6 +36,7 @@ class Settings:
     tokenizer: str | None = None
     dtype: str | None = None
     device: str | None = None
+    compile: bool = False
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_level: str = "info"
@@ -70,6 +71,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "tokenizer": (str, "tokenizer directory, when it is not stored with the model"),
     "dtype": (str, "weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"),
     "device": (str, "device to run on: cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)"),
+    "compile": (
+        bool,
+        "native backend: compile the decode step with torch.compile (fused kernels, about 2x faster decoding of "
+        "small models on a GPU; start-up takes about a minute longer). Variable: 1/true or 0/false",
+    ),
     "cors_origins": (
         list,
         "allow browser pages from this origin (e.g. http://localhost:3000, or * for any); repeatable",
@@ -83,6 +89,12 @@ CHOICES = {"backend": ("native", "vllm"), "log_level": ("debug", "info", "warnin
 
 def _parse_env(name: str, kind: type, raw: str) -> Any:
     var = env_name(name)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"environment variable {var}={raw!r} is not a yes/no value; set it to 1 or 0")
     if kind is list:
         return [part.strip() for part in raw.split(",") if part.strip()]
     try:
@@ -106,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         full_help = f"{help_text} [env {env_name(name)}; default: {shown if shown not in (None, '') else 'none'}]"
         if kind is list:
             parser.add_argument(flag, action="append", default=None, metavar="VALUE", help=full_help)
+        elif kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=full_help)
         else:
             parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=full_help)
 

@@ -72,6 +72,15 @@ def test_settings_every_option_has_an_env_variable():
     )
 
 
+def test_settings_yes_no_option_as_flag_and_variable():
+    assert parse([], {}).compile is False
+    assert parse(["--compile"], {}).compile is True
+    assert parse([], {"MINIMIND_COMPILE": "true"}).compile is True
+    assert parse([], {"MINIMIND_COMPILE": "0"}).compile is False
+    with pytest.raises(settings_mod.SettingsError, match="MINIMIND_COMPILE='maybe' is not a yes/no value"):
+        parse([], {"MINIMIND_COMPILE": "maybe"})
+
+
 @pytest.mark.parametrize(
     "env, needle",
     [
