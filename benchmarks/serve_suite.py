@@ -77,6 +77,8 @@ class Server:
         cmd += ["--max-queue", "2048", "--cors-origins", "http://ui.example", "--drain-timeout", "10"]
         if args.device:
             cmd += ["--device", args.device]
+        if args.compile and backend == "native":
+            cmd += ["--compile"]
         self.handle = log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT)
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--num-prompts", type=int, help="requests per level (default: bench_serve's)")
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--compile", action="store_true", help="start the native backend with --compile")
+    parser.add_argument("--skip-suite", action="store_true", help="only the load benchmark (no client suite)")
     parser.add_argument("--budget", type=float, default=510, help="seconds; later models are skipped past 60%% of it")
     args = parser.parse_args(argv)
 
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serve-suite",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_name(),
-        "suite": SUITE,
+        "suite": [] if args.skip_suite else SUITE,
+        "native_compile": args.compile,
         "runs": [],
     }
 
@@ -220,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run["startup_s"] = round(server.wait_healthy(left(400)), 1)
                 save()
-                run["suite"] = run_suite(server.url, where / f"suite-{tag}.txt", timeout=left(300))
-                save()
+                if not args.skip_suite:
+                    run["suite"] = run_suite(server.url, where / f"suite-{tag}.txt", timeout=left(300))
+                    save()
                 if position == 0:
                     bench_out = args.out / f"serve-{tag}.json"
                     run["bench"] = run_bench(server.url, backend, bench_out, args, timeout=left(300))
