@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+
+import pytest
 
 from engine.backend import CompletionDelta, TokenLogprob, merge_deltas
-from engine.backends.native import NativeBackend
+from engine.backends.native import GIL_SWITCH_INTERVAL_S, NativeBackend
 from engine.sampling_params import SamplingParams
 from tests.test_server_support import tiny_model_dir
 
@@ -50,3 +53,19 @@ def test_a_stream_read_late_gets_its_backlog_as_one_delta_with_every_token():
     assert [t for d in late for t in d.token_ids] == tokens
     assert "".join(d.text for d in late) == "".join(d.text for d in read_at_once)
     assert late[-1].finished and late[-1].finish_reason == "length" and late[-1].num_generated_tokens == 12
+
+
+def test_the_gil_switch_interval_is_short_while_serving_and_restored_after():
+    before = sys.getswitchinterval()
+
+    async def run() -> float:
+        backend = NativeBackend(str(tiny_model_dir()), device="cpu", max_model_len=64, max_num_seqs=1)
+        await backend.start()
+        try:
+            return sys.getswitchinterval()
+        finally:
+            await backend.shutdown(drain_timeout=1)
+
+    assert asyncio.run(run()) == pytest.approx(GIL_SWITCH_INTERVAL_S)
+    assert GIL_SWITCH_INTERVAL_S < before
+    assert sys.getswitchinterval() == pytest.approx(before)
