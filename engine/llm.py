@@ -23,7 +23,7 @@ import torch
 from engine.backend import CompletionDelta
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequestError
-from engine.model import MiniMindForCausalLM
+from engine.model import MiniMindForCausalLM, fuse_projections
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -108,9 +108,13 @@ class LLM:
             from engine.model_runner import CpuWeightLayouts
 
             cpu_layouts = CpuWeightLayouts(target)  # our own copy of the weights: lay them out per step size
+        elif torch.device(device).type == "cuda":
+            fuse_projections(target)  # fewer kernels per decode step
         draft = None
         if draft_model is not None:
             draft, _ = load(draft_model, device=device, dtype=next(target.parameters()).dtype, tokenizer=self.tokenizer)
+            if torch.device(device).type == "cuda":
+                fuse_projections(draft)
             if draft.config.vocab_size != target.config.vocab_size:
                 raise InvalidRequestError(
                     f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.config import MiniMindConfig
-from engine.model import MiniMindForCausalLM
+from engine.model import MiniMindForCausalLM, fuse_projections
 from engine.presets import PRESETS, preset_config
 from tests.conftest import tiny_model
 
@@ -164,3 +164,25 @@ def test_yarn_rope_changes_long_range_frequencies_only():
 def test_bad_head_config_is_refused():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         MiniMindConfig(num_attention_heads=8, num_key_value_heads=3)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"attention_bias": True, "qk_norm": True}, {"use_moe": True, "n_shared_experts": 1}],
+)
+def test_fused_projections_give_the_same_logits_and_keep_the_parameters(overrides):
+    model = tiny_model(**overrides)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.randint(0, 6400, (2, 12))
+    with torch.no_grad():
+        separate = model(ids).logits
+        fuse_projections(model)
+        fused = model(ids).logits
+    assert all(layer.self_attn.fused_qkv is not None for layer in model.model.layers)
+    assert torch.allclose(separate, fused, atol=1e-5)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    # the separate weights are views of the fused ones: no second copy in memory
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.fused_qkv[0][attn.q_proj.out_features :].data_ptr()
