@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is list:
             parser.add_argument(flag, action="append", default=None, metavar="VALUE", help=full_help)
         elif kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=full_help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=full_help)
         else:
             parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=full_help)
 

@@ -77,6 +77,7 @@ def test_settings_yes_no_option_as_flag_and_variable():
     assert parse(["--compile"], {}).compile is True
     assert parse([], {"MINIMIND_COMPILE": "true"}).compile is True
     assert parse([], {"MINIMIND_COMPILE": "0"}).compile is False
+    assert parse(["--no-compile"], {"MINIMIND_COMPILE": "1"}).compile is False  # the flag wins
     with pytest.raises(settings_mod.SettingsError, match="MINIMIND_COMPILE='maybe' is not a yes/no value"):
         parse([], {"MINIMIND_COMPILE": "maybe"})
 
