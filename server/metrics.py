@@ -68,6 +68,8 @@ class ServerMetrics:
     async def track(self, deltas: AsyncIterator[CompletionDelta], started: float) -> AsyncIterator[CompletionDelta]:
         """Pass deltas through unchanged, observing TTFT, inter-token latency, e2e latency and token counts."""
         name = self.model_name
+        # the labelled children, looked up once per request instead of once per token
+        generation_tokens, itl = self.generation_tokens.labels(name), self.itl.labels(name)
         last: dict[int, float] = {}
         counted_prompt = False
         async for delta in deltas:
@@ -77,17 +79,17 @@ class ServerMetrics:
                 counted_prompt = True
             if delta.token_ids:
                 count = len(delta.token_ids)
-                self.generation_tokens.labels(name).inc(count)
+                generation_tokens.inc(count)
                 # One inter-token observation per token after the first, as an engine counts them; a delta that
                 # carries several tokens (a stream read late) spreads its gap evenly over them.
                 if delta.index in last:
-                    gaps = [(now - last[delta.index]) / count] * count
+                    gap, observations = (now - last[delta.index]) / count, count
                 else:
                     if not last:
                         self.ttft.labels(name).observe(now - started)
-                    gaps = [0.0] * (count - 1)
-                for gap in gaps:
-                    self.itl.labels(name).observe(gap)
+                    gap, observations = 0.0, count - 1
+                for _ in range(observations):
+                    itl.observe(gap)
                 last[delta.index] = now
             if delta.finished:
                 self.request_success.labels(name, delta.finish_reason or "stop").inc()
