@@ -130,7 +130,7 @@ class Attention(nn.Module):
         kv_cache: EngineKVCache | None,
     ) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
-        if self.fused_qkv is not None:
+        if self.fused_qkv is not None and not self.training:  # training needs the parameters' own graph
             kv_width = self.num_kv_heads * self.head_dim
             q, k, v = F.linear(x, *self.fused_qkv).split([self.num_heads * self.head_dim, kv_width, kv_width], -1)
         else:
@@ -168,7 +168,7 @@ class FeedForward(nn.Module):
         self.fused_gate_up: torch.Tensor | None = None  # gate and up in one GEMM, see fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None:
+        if self.fused_gate_up is not None and not self.training:
             gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -186,3 +186,7 @@ def test_fused_projections_give_the_same_logits_and_keep_the_parameters(override
     # the separate weights are views of the fused ones: no second copy in memory
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.weight.data_ptr() == attn.fused_qkv[0][attn.q_proj.out_features :].data_ptr()
+    # a fused model put back into training still trains its own parameters
+    model.train()
+    model(ids).logits.sum().backward()
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
