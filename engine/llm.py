@@ -104,16 +104,17 @@ class LLM:
         device = device or default_device()
         target, self.tokenizer = load(model, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora)
         cpu_layouts = None
-        if torch.device(device).type == "cpu" and not isinstance(model, MiniMindForCausalLM):
+        device_type = torch.device(device).type
+        if device_type == "cpu" and not isinstance(model, MiniMindForCausalLM):
             from engine.model_runner import CpuWeightLayouts
 
             cpu_layouts = CpuWeightLayouts(target)  # our own copy of the weights: lay them out per step size
-        elif torch.device(device).type == "cuda":
+        elif device_type == "cuda":
             fuse_projections(target)  # fewer kernels per decode step
         draft = None
         if draft_model is not None:
             draft, _ = load(draft_model, device=device, dtype=next(target.parameters()).dtype, tokenizer=self.tokenizer)
-            if torch.device(device).type == "cuda":
+            if device_type == "cuda":
                 fuse_projections(draft)
             if draft.config.vocab_size != target.config.vocab_size:
                 raise InvalidRequestError(
