@@ -246,7 +246,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", action="append", default=[], help="random-weight model of this preset shape")
     parser.add_argument("--model", help="checkpoint path, or 'default' for the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/upstream-minimind/minimind2-dense"))
+    parser.add_argument("--tokenizer", default=str(ROOT / "tests/fixtures/upstream-minimind/minimind2-dense"))
     parser.add_argument("--dtype", default=None, help="bf16 (GPU default) or fp32 (CPU default)")
     parser.add_argument("--new-tokens", type=int, default=256, help="batch-1 new tokens")
     parser.add_argument("--batches", default="64,256,1024", help="comma-separated request counts ('' = none)")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM_FIXTURES = ROOT.parent / "shared" / "fixtures" / "upstream-minimind"
+# Parity cases made with upstream MiniMind's own code (see the README there); they ship with the repository.
+UPSTREAM_FIXTURES = ROOT / "tests" / "fixtures" / "upstream-minimind"
 
 
 def tiny_config(**overrides):
@@ -38,5 +39,5 @@ def tiny_model(seed: int = 0, **overrides):
 @pytest.fixture(scope="session")
 def upstream_fixtures() -> Path:
     if not UPSTREAM_FIXTURES.is_dir():
-        pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}: shared/ must sit beside the checkout")
+        pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}: the checkout is incomplete")
     return UPSTREAM_FIXTURES

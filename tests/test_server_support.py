@@ -76,11 +76,15 @@ _servers: dict[tuple[str, ...], LiveServer] = {}
 def tiny_model_dir() -> Path:
     """A tiny random MiniMind with the real minimind3 tokenizer, saved once as a Hugging Face directory."""
     path = Path(_tmp.name) / "tiny-minimind"
-    if not (path / "config.json").exists():
+    if not path.is_dir():
+        # Built in a scratch directory and renamed when complete: a failure half-way never leaves a directory
+        # that a later test would take for a finished model.
         from transformers import AutoTokenizer
 
-        tiny_model().save_pretrained(path)
-        AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense").save_pretrained(path)
+        scratch = Path(tempfile.mkdtemp(prefix="tiny-minimind-", dir=_tmp.name))
+        tiny_model().save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense").save_pretrained(scratch)
+        scratch.rename(path)
     return path
 
 
