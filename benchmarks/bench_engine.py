@@ -1,5 +1,10 @@
 """Native engine vs HF transformers `generate` on the same model, in one run.
 
+The HF baseline is transformers' own architecture class (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...): the model is
+saved, converted with `minimind convert --to auto` and loaded with `AutoModelForCausalLM`, as a user of the exported
+directory would. The engine loads the saved MiniMind directory (its own copy). `hf_minimind_class_b1_tok_s` is HF
+`generate` on our own MiniMind class (what TRL, PEFT and lm-eval users of our checkpoints get), batch 1.
+
 Measures, per model:
 - batch-1 decode: greedy, `--new-tokens` (256) new tokens after a short prompt, tok/s (wall time of the whole call);
 - batched throughput: N requests (`--batches`, default 64/256/1024) of `--prompt-len` (128) random prompt tokens and
@@ -19,10 +24,11 @@ skipped above `--hf-max-batch` or when the previous batch suggests it would take
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_profile import profile_decode  # noqa: E402
+from benchmarks.engine_profile import profile_decode, profile_hf_generate  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 from engine.config import MiniMindConfig  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.model import MiniMindForCausalLM  # noqa: E402
@@ -98,16 +105,66 @@ class Clock:
         return self.budget - (time.perf_counter() - self.start)
 
 
-def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, source=None) -> dict:
-    """`model` runs HF generate; the engine loads `source` (a checkpoint path: its own copy, laid out its own way)
-    or, when None, shares the model object."""
+def hf_baseline(model: MiniMindForCausalLM, tokenizer, scratch: Path, device: str):
+    """(MiniMind directory for the engine, transformers' own class loaded from the exported directory, its class)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.convert import convert
+
+    ours = scratch / "minimind"
+    model.save_pretrained(ours)
+    tokenizer.save_pretrained(ours)
+    exported, target = convert(ours, scratch / "hf", "auto")
+    dtype = next(model.parameters()).dtype
+    reference = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype).to(device).eval()
+    return ours, reference, type(reference).__name__
+
+
+def greedy_check(source: Path, exported: Path, tokenizer, device: str, prompts: int = 4, new_tokens: int = 32) -> dict:
+    """float32 greedy output of the engine (its own copy, fused projections on a GPU) against transformers' own class
+    loaded from the exported directory: in float32 a near-tie cannot flip, so every token must match."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(device).eval()
+    llm = LLM(source, tokenizer=tokenizer, dtype=torch.float32, device=device, max_model_len=64, max_num_seqs=prompts)
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randint(10, reference.config.vocab_size, (prompts, 16), generator=gen)
+    outs = llm.generate(rows.tolist(), SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    identical = sum(
+        out.outputs[0].token_ids == hf_generate(reference, row[None].to(device), new_tokens, device)[1]
+        for out, row in zip(outs, rows)
+    )
+    del llm, reference
+    return {"dtype": "float32", "prompts": prompts, "new_tokens": new_tokens, "identical_prompts": identical}
+
+
+def hf_tokens_for(args) -> int:
+    return args.hf_new_tokens or args.new_tokens
+
+
+def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock) -> dict:
+    """The engine loads `model` saved as a MiniMind directory (its own copy, laid out its own way); HF generate runs
+    transformers' own class loaded from the exported directory, and our class (a fresh copy) at batch 1."""
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     short = torch.randint(10, vocab, (1, 16), generator=gen)
     row: dict = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
     max_len = args.prompt_len + args.output_len + args.new_tokens + 16
+    scratch = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    source, reference, row["hf_class"] = hf_baseline(model, tokenizer, scratch, device)
+    ours_class = model  # our class, never handed to the engine
+    model = reference
+    if not args.skip_hf:  # both HF classes alone on the GPU, before the engine takes its KV cache memory
+        hf_generate(model, short.to(device), 8, device)
+        hf_generate(ours_class, short.to(device), 8, device)
+        row["hf_b1_tok_s_before_engine"] = round(
+            hf_tokens_for(args) / hf_generate(model, short.to(device), hf_tokens_for(args), device)[0], 1
+        )
+        row["hf_minimind_class_b1_tok_s_before_engine"] = round(
+            hf_tokens_for(args) / hf_generate(ours_class, short.to(device), hf_tokens_for(args), device)[0], 1
+        )
     llm = LLM(
-        source or model,
+        source,
         tokenizer=tokenizer,
         dtype=next(model.parameters()).dtype,
         device=device,
@@ -120,20 +177,29 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, so
     engine_generate(llm, [short[0].tolist()], args.new_tokens, device)
     row["warmup_s"] = round(time.perf_counter() - t0, 1)
     # Engine and HF alternate (rounds), so that a busy spell on a shared machine hits both; the best run counts.
-    hf_tokens = args.hf_new_tokens or args.new_tokens
+    hf_tokens = hf_tokens_for(args)
     if not args.skip_hf:
         hf_generate(model, short.to(device), 8, device)
-    ours_runs, hf_runs = [], []
+        hf_generate(ours_class, short.to(device), 8, device)
+    ours_runs, hf_runs, hf_ours_runs = [], [], []
     for _ in range(args.rounds):
         ours_runs.append(engine_generate(llm, [short[0].tolist()], args.new_tokens, device))
         if not args.skip_hf and len(hf_runs) < args.hf_repeats:
             hf_runs.append(hf_generate(model, short.to(device), hf_tokens, device))
+            hf_ours_runs.append(hf_generate(ours_class, short.to(device), hf_tokens, device))
     t_ours, ours = min(ours_runs)
     row["engine_b1_tok_s"] = round(args.new_tokens / t_ours, 1)
     if args.profile and device.startswith("cuda"):
         row["profile_b1"] = profile_decode(llm, args.new_tokens, row["engine_b1_tok_s"])
+        if not args.skip_hf:
+            row["profile_hf_generate"] = {
+                row["hf_class"]: profile_hf_generate(model, short.to(device)),
+                "MiniMindForCausalLM": profile_hf_generate(ours_class, short.to(device)),
+            }
     if args.compile and device.startswith("cuda"):  # the same engine without torch.compile, for comparison
-        plain = LLM(model, tokenizer=tokenizer, device=device, max_model_len=max_len, max_num_seqs=2)
+        plain = LLM(
+            source, tokenizer=tokenizer, dtype=llm.model.dtype, device=device, max_model_len=max_len, max_num_seqs=2
+        )
         engine_generate(plain, [short[0].tolist()], args.new_tokens, device)
         t_plain, _ = min(engine_generate(plain, [short[0].tolist()], args.new_tokens, device) for _ in range(3))
         row["engine_no_compile_b1_tok_s"] = round(args.new_tokens / t_plain, 1)
@@ -145,6 +211,14 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, so
         row["hf_b1_tok_s"] = round(hf_tokens / t_hf, 1)
         same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         row["b1_tokens_identical_to_hf"] = same  # leading tokens equal (bf16 may flip a near-tie late)
+        row["b1_tokens_compared"] = len(ref)
+        t_hf_ours, ref_ours = min(hf_ours_runs)
+        row["hf_minimind_class_b1_tok_s"] = round(hf_tokens / t_hf_ours, 1)
+        row["b1_minimind_class_tokens_identical_to_hf"] = next(
+            (i for i, (a, b) in enumerate(zip(ref_ours, ref)) if a != b), len(ref)
+        )
+    if not args.skip_hf:
+        row["greedy_check"] = greedy_check(source, scratch / "hf", tokenizer, device)
     print(f"[{name}] batch 1: {row}", flush=True)
     hf_seconds: tuple[int, float] | None = None
     for n in args.batches:
@@ -166,6 +240,7 @@ def bench_model(name: str, model, tokenizer, args, device: str, clock: Clock, so
             hf_seconds = (n, t_hf)
         print(f"[{name}] {n} requests: {row}", flush=True)
     del llm
+    shutil.rmtree(scratch, ignore_errors=True)
     return row
 
 
@@ -281,12 +356,14 @@ def main() -> int:
         torch.bfloat16 if (args.dtype or ("bf16" if device.startswith("cuda") else "fp32")) == "bf16" else torch.float32
     )
 
+    import transformers
     from transformers import AutoTokenizer
 
     results: dict = {
+        **provenance(__file__),
         "device": device_name(device),
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "transformers": transformers.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "models": [],
@@ -300,7 +377,8 @@ def main() -> int:
 
             source = default_model_path()
         model, tokenizer = load_model(source, dtype=dtype, device=device)
-        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device, clock, source))
+        results["models"].append(bench_model(Path(source).name, model, tokenizer, args, device, clock))
+        del model
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if (args.preset or args.spec) else None
     for preset in args.preset:
         model = random_model(preset, dtype, device)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import provenance
 from engine.sampling import SamplingTensors, sample
 from engine.sampling_params import SamplingParams
 
@@ -69,7 +70,13 @@ def main() -> None:
                 print(f"V={vocab:6d} B={batch:4d} {mode:8s} eager {eager:9.1f} us  graph {graph_text} us")
     out = Path(__file__).parent / "results" / f"sampling-{'gpu' if cuda else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    payload = {
+        **provenance(__file__),
+        "device": name,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     out.write_text(json.dumps(payload, indent=2))
     print(f"saved {out}")
 

@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.provenance import machine_name, provenance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,26 +42,6 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
-
-
-def machine_name() -> str:
-    """GPU name(s) when nvidia-smi answers, else the CPU model, with the core count."""
-    try:
-        gpus = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        gpus = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{gpus.replace(chr(10), ' + ') + ', ' if gpus else ''}{cpu}, {cores} cores"
 
 
 async def one_request(client: httpx.AsyncClient, url: str, payload: dict, headers: dict) -> RequestResult:
@@ -177,7 +159,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         )
     return {
         "benchmark": "serve",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(__file__),
         "machine": args.machine or machine_name(),
         "backend": args.label,
         "model": model,

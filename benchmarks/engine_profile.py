@@ -80,6 +80,51 @@ def profile_decode(llm, new_tokens: int, tok_s: float) -> dict:
     return result
 
 
+@torch.inference_mode()
+def profile_hf_generate(model, prompt: torch.Tensor, new_tokens: int = 32) -> dict:
+    """Per decode step of HF `generate` (greedy, batch 1): CUDA kernels, host-device synchronisations, allocator
+    calls (cudaMalloc/cudaFree) and the host operators that take the most time: what makes one model class slower
+    than another under the same `generate`."""
+
+    def run() -> None:
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+        torch.cuda.synchronize()
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    steps = new_tokens
+    events = prof.events()
+    runtime = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMalloc", "cudaFree"}
+    counts = {name: 0 for name in runtime}
+    kernels = 0
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+        elif e.name in counts:
+            counts[e.name] += 1
+    host_ops = sorted(
+        (e for e in prof.key_averages() if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total
+    )[:8]
+    return {
+        "steps": steps,
+        "kernels_per_step": round(kernels / steps, 1),
+        "syncs_per_step": round(
+            sum(counts[n] for n in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")) / steps,
+            2,
+        ),
+        "cuda_malloc_free_per_step": round((counts["cudaMalloc"] + counts["cudaFree"]) / steps, 2),
+        "top_host_ops": [[e.key, e.count, round(e.self_cpu_time_total / steps, 1)] for e in host_ops],
+    }
+
+
 def timed(fn, *args, **kwargs):
     """(seconds, result) of fn(*args, **kwargs), synchronising the GPU before and after."""
     if torch.cuda.is_available():

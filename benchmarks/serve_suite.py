@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serve import machine_name  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 
 API_KEY = "suite-key"
 SUITE = ["tests/test_server.py", "tests/test_server_errors.py", "tests/test_server_load.py"]
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     summary: dict = {
         "benchmark": "serve-suite",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_name(),
+        **provenance(__file__),
         "suite": [] if args.skip_suite else SUITE,
         "native_compile": args.compile,
         "runs": [],

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from training.config import TrainConfig, load_config  # noqa: E402
 from training.stages import get_stage  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
@@ -185,6 +186,7 @@ def main() -> None:
         f"# {args.preset} after the demo pretrain + SFT ({device}, {stamp})\n\n" + transcript
     )
     summary = {
+        **provenance(__file__),
         "device": device,
         "torch": torch.__version__,
         "date": stamp,
