@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
@@ -29,6 +30,9 @@ from engine.config import MiniMindConfig
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.2x); generate()
 # passes whichever its version uses, so the forward passes accept both and outputs use the installed name.
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+INCREMENTAL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class EngineKVCache(Protocol):
@@ -146,13 +150,22 @@ class Attention(nn.Module):
         if kv_cache is not None:
             out = kv_cache.attend(self.layer_idx, q, k, v)
         else:
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, self.layer_idx)
             dropout = self.dropout if self.training else 0.0
-            if attn_mask is None and seq_len > 1:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=True)
+            causal = attn_mask is None and seq_len > 1
+            if past_key_values is None:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout, enable_gqa=True
+                )
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=True)
+                k, v = past_key_values.update(k, v, self.layer_idx)
+                # Incremental decoding (transformers' generate) meets a new key length at every step. On a GPU, the
+                # cuDNN attention backend builds an execution plan per new shape: the first generate() over unseen
+                # lengths ran at 16 tok/s instead of 185 on an H200 (benchmarks/results/hf-generate-cold-*.json).
+                # The flash/efficient kernels need no plan, so this path leaves cuDNN out.
+                with sdpa_kernel(INCREMENTAL_SDPA_BACKENDS):
+                    out = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout, enable_gqa=True
+                    )
         out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
