@@ -148,8 +148,24 @@ class LoRAStage(SFTStage):
         save_hf_model(merge_and_unwrap(model), tokenizer, out_dir.with_name(out_dir.name + "-merged"))
 
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Stage, SFTStage, LoRAStage)}
+class OptionalLoRA:
+    """For stages that train all weights or, with use_lora, LoRA adapters (saved as LoRAStage saves them)."""
+
+    def prepare_model(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        return LoRAStage.prepare_model(self, model, cfg) if cfg.use_lora else model
+
+    def save_final(self, model: nn.Module, tokenizer: Any, cfg: TrainConfig, out_dir: Path) -> None:
+        (LoRAStage.save_final if cfg.use_lora else Stage.save_final)(self, model, tokenizer, cfg, out_dir)
+
+
+def stage_classes() -> dict[str, type[Stage]]:
+    """Every stage by name (the alignment stages live in their own modules, which import this one)."""
+    from training.distill import DistillStage
+    from training.dpo import DPOStage
+    from training.reason import ReasonStage
+
+    return {stage.name: stage for stage in (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage)}
 
 
 def get_stage(name: str) -> Stage:
-    return STAGES[name]()
+    return stage_classes()[name]()

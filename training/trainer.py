@@ -100,6 +100,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(self.device)  # the module whose state is saved (same parameters as the wrapper)
+        # before wrapping (a reference copy must not be a shard) and before resume (it is the start weights)
+        context = StageContext(self.model, cfg, self.tokenizer, self.device, self.amp_dtype, self.dataset, self.is_main)
+        self.stage.setup(context)
         self.wrapped = self.wrap(self.model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -107,8 +110,6 @@ class Trainer:
         )
         if cfg.compile:
             compile_model(self.model, self.stage, cfg.compile_scope, cfg.compile_mode)
-        context = StageContext(self.model, cfg, self.tokenizer, self.device, self.amp_dtype, self.dataset, self.is_main)
-        self.stage.setup(context)
         self.start_step, self.tokens_seen = 0, 0
         self.resume()
 
