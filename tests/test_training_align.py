@@ -226,20 +226,16 @@ def test_kd_loss_equals_a_direct_pytorch_formulation(direction):
 
 def test_distill_stage_loss_is_alpha_ce_plus_t2_kl_over_trained_tokens(tmp_path, base):
     """The stage's loss against upstream's formulation: mean CE + T^2 x KL(batchmean over the trained tokens)."""
-    from engine.loader import load_model
     from training.config import TrainConfig
-    from training.data import pad_collate
+    from training.data import SFTDataset, pad_collate
     from training.distill import DistillStage
     from training.stages import StageContext
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
-    student, _ = load_model(base)
     student = load_pair(base, seed=2)[0]
     cfg = TrainConfig(stage="distill", teacher=str(base), distill_alpha=0.3, temperature=2.0, device="cpu")
     stage = DistillStage()
     stage.setup(StageContext(student, cfg, tokenizer, torch.device("cpu"), None, None))
-    from training.data import SFTDataset
-
     data = write_jsonl(tmp_path / "s.jsonl", [conversation(n) for n in range(3)])
     dataset = SFTDataset([data], tokenizer, 64, cache_dir=str(tmp_path / "c"))
     batch = pad_collate([dataset[i] for i in range(3)], tokenizer.pad_token_id)
