@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.provenance import provenance  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
+from training.reporting import flops_per_token, peak_flops  # noqa: E402
 from training.stages import PretrainStage  # noqa: E402
-from training.trainer import PEAK_FLOPS, Trainer  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 # Upstream MiniMind's training step on an H100, tokens/s: QUOTED, not measured by this script. They come from a run
 # of upstream's own train_pretrain.py step on an H100 on 2026-11-22 (same batch, sequence length and precision).
@@ -132,23 +133,23 @@ def bench(preset: str, mode: str, args: argparse.Namespace, tokenizer: Path, scr
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for step in range(args.warmup):
-        ce, n_tokens = trainer.train_step(step)
+        stats = trainer.train_step(step)
     sync(device)
     warmup_s = time.perf_counter() - start
-    first_loss = float(ce) / n_tokens
+    first_loss = stats.loss
     start = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.steps):
-        ce, n_tokens = trainer.train_step(step)
+        stats = trainer.train_step(step)
     sync(device)
     elapsed = time.perf_counter() - start
-    last_loss = float(ce) / n_tokens
+    last_loss = stats.loss
     gpu_busy = profile_steps(trainer, args.warmup + args.steps, args.profile) if args.profile else None
     tokens = args.steps * args.batch * args.seq
-    flops_per_token = (
-        6 * trainer.num_params + 12 * trainer.config.num_hidden_layers * trainer.config.hidden_size * args.seq
+    per_token = flops_per_token(
+        trainer.num_params, trainer.config.num_hidden_layers, trainer.config.hidden_size, args.seq
     )
+    peak = peak_flops(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
     row = {
         "preset": preset,
         "mode": mode,
@@ -158,7 +159,7 @@ def bench(preset: str, mode: str, args: argparse.Namespace, tokenizer: Path, scr
         "warmup_s": round(warmup_s, 1),
         "loss_first_last": [round(first_loss, 4), round(last_loss, 4)],
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "mfu": round(tokens / elapsed * flops_per_token / peak, 4) if peak else None,
+        "mfu": round(tokens / elapsed * per_token / peak, 4) if peak else None,
         "gpu_busy": gpu_busy,
     }
     # Every compiled variant is compared with upstream's compiled step, eager with eager.

@@ -361,7 +361,8 @@ def build_attention_mask(
     if padding_mask is not None:
         mask = mask & padding_mask[:, None, None, -total:].bool()
         # A fully padded query row would give NaN in softmax; let it see itself (its output is ignored).
-        mask = mask | torch.eye(seq_len, total, offset=past_len, dtype=torch.bool, device=device)[None, None]
+        diagonal = torch.arange(seq_len, device=device)[:, None] + past_len == torch.arange(total, device=device)
+        mask = mask | diagonal[None, None]
     return mask
 
 

@@ -1,4 +1,4 @@
-"""`minimind train {pretrain,sft,lora} --config configs/NAME.yaml [--key value ...]`.
+"""`minimind train {pretrain,sft,lora,dpo,distill,reason} --config configs/NAME.yaml [--key value ...]`.
 
 Every TrainConfig field is a flag (spelled --key-name or --key_name); flags override the YAML file. Under
 `torchrun --nproc_per_node N` the same command trains on N GPUs (DDP, or FSDP with --distributed fsdp).
@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         choices=STAGES,
         default=None,
-        help="pretrain: packed next-token loss; sft: assistant-only loss; lora: sft on adapters "
+        help="pretrain: packed next-token loss; sft: assistant-only loss; lora: sft on adapters; dpo: preference "
+        "pairs; distill: sft with a teacher; reason: sft with weighted think tags "
         "(default: the config file's stage:)",
     )
     parser.add_argument(
@@ -47,14 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from training.config import FIELDS, load_config, load_yaml
+    from training.config import FIELDS, STAGES, load_config, load_yaml
     from training.errors import TrainingError
     from training.stages import get_stage
     from training.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if args.stage is None and "stage" not in (load_yaml(args.config) if args.config else {}):
-        raise TrainingError("name the stage: minimind train {pretrain,sft,lora} ..., or set stage: in --config")
+        raise TrainingError(f"name the stage: minimind train {{{','.join(STAGES)}}} ..., or set stage: in --config")
     overrides = {name: getattr(args, name) for name in FIELDS if name != "stage" and hasattr(args, name)}
     cfg = load_config(args.config, overrides, stage=args.stage)
     final = Trainer(cfg, get_stage(cfg.stage)).run()

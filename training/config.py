@@ -17,7 +17,7 @@ import yaml
 
 from training.errors import TrainingError
 
-STAGES = ("pretrain", "sft", "lora")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
 
 
 def minimind_home() -> Path:
@@ -36,7 +36,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     # what to train
     stage: str = _f(
-        "pretrain", "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters)"
+        "pretrain",
+        "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters), dpo "
+        "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags)",
     )
     preset: str = _f("minimind2-small", "model shape from engine/presets.py, used when init_from is empty")
     model_config: dict = _f({}, "overrides of the preset's config fields, e.g. {hidden_size: 256} (YAML/JSON mapping)")
@@ -110,6 +112,33 @@ class TrainConfig:
         "module names that get LoRA adapters (comma-separated on the command line)",
     )
 
+    # DPO
+    beta: float = _f(0.1, "dpo: strength of the pull towards the reference model (rewards are beta x log-ratios)")
+    dpo_loss: str = _f("sigmoid", "dpo: sigmoid (DPO; with label_smoothing > 0: cDPO) or ipo")
+    label_smoothing: float = _f(0.0, "dpo: assumed fraction of flipped preference labels (cDPO), in [0, 0.5)")
+    ref_model: str = _f(
+        "", "dpo: the frozen reference model (any checkpoint the loader reads); default: a copy of the start weights"
+    )
+    precompute_ref_logps: bool = _f(
+        False, "dpo: run the reference once over the data before training (only one model on the GPU while training)"
+    )
+    use_lora: bool = _f(
+        False,
+        "dpo/distill/reason: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference is "
+        "then the base with adapters off (no second copy)",
+    )
+    # distillation and reasoning
+    teacher: str = _f("", "distill: the teacher (HF directory or .pth); same vocabulary as the student")
+    teacher_preset: str = _f("", "distill: model shape of a .pth teacher without a config.json beside it")
+    distill_alpha: float = _f(0.5, "distill: loss = alpha x CE + (1 - alpha) x T^2 x KL")
+    temperature: float = _f(1.5, "distill: softmax temperature T of teacher and student")
+    kl_direction: str = _f(
+        "forward", "distill: forward = KL(teacher || student) (mass-covering), reverse = KL(student || teacher)"
+    )
+    think_tag_weight: float = _f(
+        10.0, "reason: loss weight of the <think>, </think> (and <answer>, </answer>) tokens; others weigh 1"
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -134,6 +163,14 @@ class TrainConfig:
             (self.keep_last >= 1, "keep_last", "must be at least 1"),
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.stage != "lora" or bool(self.init_from), "init_from", "must name the model LoRA adapts (lora stage)"),
+            (self.beta > 0, "beta", "must be positive"),
+            (self.dpo_loss in ("sigmoid", "ipo"), "dpo_loss", "must be sigmoid or ipo"),
+            (0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
+            (self.stage != "distill" or bool(self.teacher), "teacher", "must name the teacher model (distill stage)"),
+            (0 <= self.distill_alpha <= 1, "distill_alpha", "must be in [0, 1]"),
+            (self.temperature > 0, "temperature", "must be positive"),
+            (self.kl_direction in ("forward", "reverse"), "kl_direction", "must be forward or reverse"),
+            (self.think_tag_weight >= 0, "think_tag_weight", "must not be negative"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -8,8 +8,10 @@ and `engine.lora.merge_lora_adapter` merges them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,10 +31,13 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.dropout = nn.Dropout(dropout)
         self.scale = alpha / rank
+        self.disabled = False  # set by adapters_disabled(): the base layer alone (DPO's reference)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's initialisation
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
@@ -50,6 +55,19 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
         names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise TrainingError(f"lora_targets {targets} match no linear layer; this model's linear layers are {names}")
     return wrapped
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The base model, computed by the same modules with every adapter switched off (no second copy)."""
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

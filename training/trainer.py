@@ -1,9 +1,9 @@
 """The training loop, shared by every stage: devices, precision, accumulation, clipping, schedule, logging,
 checkpoints and resume, DDP/FSDP. A stage (training/stages.py) only supplies data, collate, loss and saving.
 
-Loss scaling: each micro-batch's loss is its summed cross-entropy divided by the number of trained tokens in the
-whole optimizer step (all micro-batches, all processes), so every token weighs the same and batch 8 x 1 equals
-batch 2 x 4. The sample order is a pure function of (seed, position), so the data position saved in a
+Loss scaling: each micro-batch's loss is the stage's summed loss divided by the stage's count (trained tokens,
+pairs, ...) of the whole optimizer step (all micro-batches, all processes), so every unit weighs the same and
+batch 8 x 1 equals batch 2 x 4. The sample order is a pure function of (seed, position), so the data position saved in a
 checkpoint is just the step number, and a resumed run sees exactly the batches an uninterrupted run would.
 """
 
@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,11 @@ from torch import nn
 from training.checkpoint import check_world, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.errors import TrainingError
-from training.reporting import Reporter
+from training.reporting import MetricWindow, Reporter, StepStats, flops_per_token, peak_flops
 from training.setup import build_model, compile_model, param_groups, precision, setup_distributed
+from training.stages import StageContext
 
 log = logging.getLogger("minimind.train")
-# Dense bf16 peak of the GPUs MFU is reported for (FLOP/s); others show no MFU rather than a wrong one.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "H800": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "4090": 165e12,
-}
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -110,6 +100,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(self.device)  # the module whose state is saved (same parameters as the wrapper)
+        # before wrapping (a reference copy must not be a shard) and before resume (it is the start weights)
+        context = StageContext(self.model, cfg, self.tokenizer, self.device, self.amp_dtype, self.dataset, self.is_main)
+        self.stage.setup(context)
         self.wrapped = self.wrap(self.model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -212,47 +205,53 @@ class Trainer:
             return batch
         return {key: value.pin_memory().to(self.device, non_blocking=True) for key, value in batch.items()}
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, int]:
-        """One optimizer step; returns (summed CE over this rank's tokens, trained tokens of the whole step).
-
-        Nothing here waits for the GPU (no .item(), no copies from pageable memory), so the CPU prepares and
-        launches step N+1 while the GPU still runs step N.
-        """
-        batches = self.micro_batches(step)
-        self.step_positions = sum(b["input_ids"].numel() for b in batches) * self.world
-        n_tokens = sum(int((b["targets"] != -100).sum()) for b in batches)
-        if dist.is_initialized():  # every rank needs the step's token count: summed on the CPU (gloo), no GPU sync
-            counted = torch.tensor([n_tokens], dtype=torch.int64)
+    def step_count(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """The stage's count over the whole step: every rank needs it before its first backward. Summed on the
+        CPU (gloo), so it costs no GPU synchronisation."""
+        count = sum(self.stage.count(batch) for batch in batches)
+        if dist.is_initialized():
+            counted = torch.tensor([count], dtype=torch.int64)
             dist.all_reduce(counted, group=self.cpu_group)
-            n_tokens = int(counted)
-        denom = max(n_tokens, 1) / self.world  # DDP/FSDP average gradients over ranks; undo that
+            count = int(counted)
+        return count
+
+    def autocast(self) -> Any:
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
+
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step. Nothing here waits for the GPU (no .item(), no copies from pageable memory), so
+        the CPU prepares and launches step N+1 while the GPU still runs step N."""
+        batches = self.micro_batches(step)
+        count = self.step_count(batches)
+        denom = max(count, 1) / self.world  # DDP/FSDP average gradients over ranks; undo that
         lr = lr_at(step, self.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ce_total = torch.zeros((), device=self.device)
+        positions = sum(batch["input_ids"].numel() for batch in batches) * self.world
+        stats = StepStats(torch.zeros((), device=self.device), count, positions)
         for n, batch in enumerate(batches):
             batch = self.to_device(batch)
             with self.sync_context(n == len(batches) - 1):
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-                ):
-                    ce, aux = self.stage.loss(self.wrapped, batch)
-                loss = ce / denom + aux / len(batches)
+                with self.autocast():
+                    out = self.stage.loss(self.wrapped, batch)
+                loss = out.loss_sum / denom
+                if out.aux is not None:
+                    loss = loss + out.aux / len(batches)
                 self.scaler.scale(loss).backward()
-            ce_total += ce.detach()
+            stats.loss_sum += out.loss_sum.detach()
+            for key, value in out.metrics.items():
+                stats.metrics[key] = stats.metrics.get(key, 0) + value.detach().float()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return ce_total, n_tokens
+        return stats
 
-    def run(self) -> Path:
-        """Train to total_steps (resuming if a checkpoint exists) and write the final model; returns its path."""
-        from tqdm import tqdm
-
-        self.setup()
+    def start_run(self) -> Reporter:
+        """Write config.yaml, open the metrics sinks and say what is about to run."""
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,15 +263,6 @@ class Trainer:
             reporter.log(
                 self.start_step, {"bad_lines": float(self.dataset.bad_lines), "samples": float(len(self.dataset))}
             )
-        flops_per_token = (
-            6 * self.num_params + 12 * self.config.num_hidden_layers * self.config.hidden_size * cfg.max_seq_len
-        )
-        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
-        bar = tqdm(
-            total=self.total_steps, initial=self.start_step, disable=not self.is_main, dynamic_ncols=True, unit="step"
-        )
-        if self.is_main:
             log.info(
                 "%s: %d samples, %d steps, %.1fM parameters (%.2fM trained), global batch %d x %d tokens, %s",
                 cfg.stage,
@@ -284,42 +274,43 @@ class Trainer:
                 cfg.max_seq_len,
                 self.device,
             )
-        window_start, window_tokens = time.perf_counter(), 0
-        window_ce, window_n = torch.zeros((), device=self.device), 0
+        return reporter
+
+    def window_metrics(self, window: MetricWindow) -> dict[str, float]:
+        """The log line: the stage's loss and metrics (means since the last log), lr, throughput, MFU."""
+        values, speed = window.flush()
+        metrics = {"loss": values.pop("loss"), "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": speed}
+        if self.cfg.grad_clip > 0:
+            metrics["grad_norm"] = float(self.grad_norm)
+        peak = peak_flops(self.device)
+        if peak:
+            per_token = flops_per_token(
+                self.num_params, self.config.num_hidden_layers, self.config.hidden_size, self.cfg.max_seq_len
+            )
+            metrics["mfu"] = speed * per_token / (peak * self.world)
+        return {**metrics, **values}
+
+    def run(self) -> Path:
+        """Train to total_steps (resuming if a checkpoint exists) and write the final model; returns its path."""
+        from tqdm import tqdm
+
+        self.setup()
+        cfg = self.cfg
+        reporter = self.start_run()
+        bar = tqdm(
+            total=self.total_steps, initial=self.start_step, disable=not self.is_main, dynamic_ncols=True, unit="step"
+        )
+        window = MetricWindow()
         self.wrapped.train()
         for step in range(self.start_step, self.total_steps):
-            ce, n_tokens = self.train_step(step)
-            window_ce += ce
-            window_n += n_tokens
+            stats = self.train_step(step)
+            window.add(stats)
+            self.tokens_seen += stats.positions
             done = step + 1
-            step_tokens = self.step_positions  # positions processed (SFT padding included)
-            self.tokens_seen += step_tokens
-            window_tokens += step_tokens
             if done % cfg.log_every == 0 or done == self.total_steps:
-                if dist.is_initialized():
-                    dist.all_reduce(window_ce)
-                ce_sum, tok_sum = window_ce.item(), window_n  # mean over every token since the last log
-                elapsed = time.perf_counter() - window_start
-                speed = window_tokens / elapsed
-                metrics = {
-                    "loss": ce_sum / max(tok_sum, 1),
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": speed,
-                }
-                if cfg.grad_clip > 0:
-                    metrics["grad_norm"] = float(self.grad_norm)
-                if peak:
-                    metrics["mfu"] = speed * flops_per_token / (peak * self.world)
+                metrics = self.window_metrics(window)
                 reporter.log(done, metrics)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    lr=f"{metrics['lr']:.2e}",
-                    tok_s=f"{speed:,.0f}",
-                    **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {}),
-                )
-                window_start, window_tokens = time.perf_counter(), 0
-                window_ce.zero_()
-                window_n = 0
+                bar.set_postfix(progress_fields(metrics))
             bar.update(1)
             if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
                 self.save(done)
@@ -348,3 +339,20 @@ class Trainer:
                 final.lm_head.weight = final.model.embed_tokens.weight
             self.stage.save_final(final.float().eval(), self.tokenizer, self.cfg, out_dir)
         self.barrier()
+
+
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's postfix: every logged number, compactly formatted."""
+    shown = {}
+    for key, value in metrics.items():
+        if key == "grad_norm":
+            continue
+        if key == "lr":
+            shown[key] = f"{value:.2e}"
+        elif key == "tokens_per_s":
+            shown["tok_s"] = f"{value:,.0f}"
+        elif key == "mfu" or "accuracy" in key:
+            shown[key] = f"{value:.1%}"
+        else:
+            shown[key] = f"{value:.4f}"
+    return shown
