@@ -1,1 +1,1 @@
-"""Web UIs: the Streamlit chat page and the Gradio VLM demo."""
+"""Web UI: the Streamlit chat page (webui/app.py), which talks to the server over HTTP only."""
