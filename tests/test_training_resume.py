@@ -146,7 +146,7 @@ def test_explicit_resume_paths_and_unreadable_checkpoints(tmp_path, data):
     with pytest.raises(TrainingError, match="not a checkpoint directory"):
         train(tmp_path, data_path=str(data), resume=str(tmp_path / "nowhere"))
     (run / "checkpoints" / "step-00000002" / "trainer_state.pt").write_bytes(b"truncated")
-    with pytest.raises(TrainingError, match="cannot be read .* delete it or pass --resume never"):
+    with pytest.raises(TrainingError, match="not a readable PyTorch checkpoint .*; delete .* or pass --resume never"):
         train(tmp_path, data_path=str(data), max_steps=3)
     train(tmp_path, data_path=str(data), max_steps=3, resume="never")
     assert sorted(metrics(run)) == [1, 2, 3]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.errors import TrainingError
+from training.errors import TrainingError, os_errors
 
 
 class Reporter:
@@ -20,8 +20,10 @@ class Reporter:
         self.jsonl = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.where = run_dir / "metrics.jsonl"
+        with os_errors(f"cannot write {self.where}", "--output-dir"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = self.where.open("a")
         for name in [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]:
             self.sinks.append(self._open(name, run_dir, run_name or run_dir.name, config))
 
@@ -47,8 +49,9 @@ class Reporter:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        with os_errors(f"cannot write {self.where}", "--output-dir"):
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
         for kind, sink in self.sinks:
             if kind == "tensorboard":
                 for key, value in metrics.items():
