@@ -28,7 +28,9 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: file not found") from err
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
+        raise CheckpointError(
+            f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); fix the file there"
+        ) from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -88,10 +90,10 @@ def _unreadable(path: Path, reason: str) -> str:
 def _refusal(path: Path, torch_message: str) -> str:
     found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", torch_message)))
     found += sorted(set(re.findall(r"but got <class '([\w.]+)'>", torch_message)))
-    what = f"Python objects ({', '.join(found)})" if found else "pickle instructions beyond tensors and containers"
+    what = f"Python objects ({', '.join(found)})" if found else "pickle content other than tensors and containers"
     return (
-        f"{path}: not a plain state dict: it holds {what} whose loading would run code, so it is refused for "
-        "safety; save only the tensors (torch.save(model.state_dict(), file)) or use a .safetensors file"
+        f"{path}: not a plain state dict: it holds {what}, and loading such content can run code, so the file is "
+        "refused for safety; save only the tensors (torch.save(model.state_dict(), file)) or use a .safetensors file"
     )
 
 
