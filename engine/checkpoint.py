@@ -93,7 +93,7 @@ def _refusal(path: Path, torch_message: str) -> str:
     what = f"Python objects ({', '.join(found)})" if found else "pickle content other than tensors and containers"
     return (
         f"{path}: not a plain state dict: it holds {what}, and loading such content can run code, so the file is "
-        "refused for safety; save only the tensors (torch.save(model.state_dict(), file)) or use a .safetensors file"
+        "refused for safety (save weights as tensors only: torch.save(model.state_dict(), file), or .safetensors)"
     )
 
 

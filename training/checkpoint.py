@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy._core.multiarray import _reconstruct
 from torch import nn
 
 from training.errors import TrainingError, os_errors
@@ -30,7 +29,8 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 # Checkpoints written before the RNG states were stored as tensors hold numpy's state as an ndarray; these
 # numpy globals rebuild exactly that (an array of plain numbers) and nothing else.
-LEGACY_NUMPY_RNG = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct]
+# (The rebuild function is taken from numpy itself: numpy 1 and 2 keep it in different modules.)
+LEGACY_NUMPY_RNG = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(0).__reduce__()[0]]
 STATE_KEYS = ("model", "optimizer", "scaler", "step", "tokens_seen", "rng", "world_size", "global_batch")
 
 
