@@ -28,7 +28,9 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: file not found") from err
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
+        raise CheckpointError(
+            f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); fix the file there"
+        ) from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -53,14 +55,58 @@ def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_plain(path: Path) -> Any:
+    """torch.load restricted to tensors, numbers, strings and containers (weights_only): loading cannot run code.
+
+    torch's own refusal advises `weights_only=False`, i.e. running whatever the file holds; the error raised
+    here says what the file is instead, on one line. Safe globals allowlisted by the caller
+    (torch.serialization.safe_globals) still apply.
+    """
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the restricted unpickler's notes on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(_refusal(path, str(err))) from None
+        raise CheckpointError(_unreadable(path, _first_sentence(err))) from None
+    except EOFError:
+        raise CheckpointError(_unreadable(path, "the file ends early")) from None
+    except Exception as err:  # zip reader errors and the like
+        raise CheckpointError(_unreadable(path, _first_sentence(err))) from None
+
+
+def _unreadable(path: Path, reason: str) -> str:
+    return f"{path}: not a readable PyTorch checkpoint ({reason}): truncated, or not written by torch.save"
+
+
+def _refusal(path: Path, torch_message: str) -> str:
+    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", torch_message)))
+    found += sorted(set(re.findall(r"but got <class '([\w.]+)'>", torch_message)))
+    what = f"Python objects ({', '.join(found)})" if found else "pickle content other than tensors and containers"
+    return (
+        f"{path}: not a plain state dict: it holds {what}, and loading such content can run code, so the file is "
+        "refused for safety (save weights as tensors only: torch.save(model.state_dict(), file), or .safetensors)"
+    )
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The exception's first sentence: torch's reader errors go on with paragraphs of advice."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict saved with torch.save (upstream `.pth`); weights_only so a file cannot run code."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: file not found") from err
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    data = load_plain(path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]  # training-resume files keep the weights under "model"
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -195,6 +241,56 @@ def state_dict_from_hf(state: dict[str, torch.Tensor], config: MiniMindConfig, w
             continue
         out[key] = value
     return out
+
+
+def check_config_fits_weights(config: MiniMindConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """The counts and widths that the weights fix, compared before the model is built.
+
+    A config asking for a million layers (or experts) must fail here, naming the field, and not after
+    building a million modules; the key-by-key comparison (check_state_dict) then runs on a bounded model.
+    """
+
+    def refuse_unless(same: bool, field: str, configured: Any, needed: int, evidence: str) -> None:
+        if not same:
+            raise CheckpointError(
+                f"{where}: weights do not match the config: {field} is {configured} but the weights need {needed} "
+                f"({evidence}); correct the config"
+            )
+
+    embed = state.get("model.embed_tokens.weight")
+    if embed is not None and embed.dim() == 2:
+        rows, width = embed.shape
+        evidence = f"model.embed_tokens.weight has shape {tuple(embed.shape)}"
+        refuse_unless(config.hidden_size == width, "hidden_size", config.hidden_size, width, evidence)
+        refuse_unless(config.vocab_size == rows, "vocab_size", config.vocab_size, rows, evidence)
+    layers = _count(state, r"model\.layers\.(\d+)\.")
+    evidence = (
+        f"{'missing' if config.num_hidden_layers > layers else 'unexpected'} tensors: "
+        f"model.layers.{min(layers, config.num_hidden_layers)}.*"
+    )
+    refuse_unless(config.num_hidden_layers == layers, "num_hidden_layers", config.num_hidden_layers, layers, evidence)
+    for proj, field in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
+        weight = state.get(f"model.layers.0.self_attn.{proj}.weight")
+        if weight is not None and weight.dim() == 2:
+            heads, rows = getattr(config, field), weight.shape[0]
+            refuse_unless(
+                heads * config.head_dim == rows,
+                f"{field} x head_dim",
+                f"{heads} x {config.head_dim} = {heads * config.head_dim}",
+                rows,
+                f"model.layers.0.self_attn.{proj}.weight has shape {tuple(weight.shape)}",
+            )
+    if config.use_moe:
+        for field, name in (("n_routed_experts", "experts"), ("n_shared_experts", "shared_experts")):
+            count = _count(state, rf"model\.layers\.0\.mlp\.{name}\.(\d+)\.")
+            configured = getattr(config, field)
+            refuse_unless(configured == count, field, configured, count, f"model.layers.0.mlp.{name} holds {count}")
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """How many distinct numbers the keys have at the pattern's group (layers, experts)."""
+    compiled = re.compile(pattern)
+    return len({found.group(1) for key in state if (found := compiled.match(key))})
 
 
 def check_state_dict(

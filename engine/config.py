@@ -21,6 +21,63 @@ def default_intermediate_size(hidden_size: int, generation: int = 2) -> int:
     return 64 * ((width + 64 - 1) // 64)
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_POSITIVE_INT = (lambda v: _int(v) and v > 0, "a positive integer")
+_OPTIONAL_POSITIVE_INT = (lambda v: v is None or (_int(v) and v > 0), "a positive integer or null")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_POSITIVE_NUMBER = (lambda v: _number(v) and v > 0, "a positive number")
+# field -> (check, what it must be), for every field that sets a shape or a count
+FIELD_RULES = {
+    "vocab_size": _POSITIVE_INT,
+    "hidden_size": _POSITIVE_INT,
+    "num_hidden_layers": _POSITIVE_INT,
+    "num_attention_heads": _POSITIVE_INT,
+    "num_key_value_heads": _POSITIVE_INT,
+    "max_position_embeddings": _POSITIVE_INT,
+    "n_routed_experts": _POSITIVE_INT,
+    "num_experts_per_tok": _POSITIVE_INT,
+    "head_dim": _OPTIONAL_POSITIVE_INT,
+    "intermediate_size": _OPTIONAL_POSITIVE_INT,
+    "moe_intermediate_size": _OPTIONAL_POSITIVE_INT,
+    "n_shared_experts": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "rms_norm_eps": _POSITIVE_NUMBER,
+    "rope_theta": _POSITIVE_NUMBER,
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number from 0 to below 1"),
+    "qk_norm": _BOOL,
+    "attention_bias": _BOOL,
+    "use_moe": _BOOL,
+    "norm_topk_prob": _BOOL,
+    "tie_word_embeddings": _BOOL,
+}
+
+
+def field_error(name: str, value: Any) -> str | None:
+    """Why `value` cannot be config field `name` (None when it can)."""
+    check, wanted = FIELD_RULES[name]
+    return None if check(value) else f"field {name!r} must be {wanted}, got {value!r}"
+
+
+def check_fields(values: dict[str, Any]) -> None:
+    """Types and ranges of the shape fields, checked before any is used: a config.json with "hidden_size": "64"
+    or -64 is refused by name instead of failing inside torch with a traceback."""
+    for name in FIELD_RULES:
+        problem = field_error(name, values[name])
+        if problem:
+            raise ValueError(problem)
+    if values["head_dim"] is None and values["hidden_size"] % values["num_attention_heads"]:
+        raise ValueError(
+            f"field 'hidden_size' ({values['hidden_size']}) must be a multiple of num_attention_heads "
+            f"({values['num_attention_heads']}), or head_dim must be given"
+        )
+
+
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -58,6 +115,7 @@ class MiniMindConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs: Any,
     ) -> None:
+        check_fields(locals())
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from engine.checkpoint import (
+    HF_MODEL_TYPES,
+    check_config_fits_weights,
     check_state_dict,
     minimind_config_from_hf,
     read_json,
@@ -23,7 +25,7 @@ from engine.checkpoint import (
     read_torch_file,
     state_dict_from_hf,
 )
-from engine.config import MiniMindConfig
+from engine.config import MiniMindConfig, field_error
 from engine.errors import CheckpointError
 from engine.model import MiniMindForCausalLM
 
@@ -38,6 +40,8 @@ DTYPES = {
     "float": torch.float32,
 }
 
+# The shape fields a Hugging Face config.json must name (every real one does).
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 # Upstream MiniMind config.json names that differ from ours (minimind-3 took Qwen3-MoE's names).
 _UPSTREAM_RENAMES = {"num_experts": "n_routed_experts", "router_aux_loss_coef": "aux_loss_alpha"}
 # What upstream's `inference_rope_scaling=True` switches on (its YaRN setting for 4x longer contexts).
@@ -96,6 +100,11 @@ def read_checkpoint(
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"{path} is not a model directory: no config.json (expected a Hugging Face directory, a .pth or a "
+                ".gguf file)"
+            )
         if preset or config:
             raise CheckpointError(f"{path}: --preset/--config apply to .pth files only; a directory has config.json")
         model_config, state = _read_hf_dir(path)
@@ -112,6 +121,7 @@ def build_model(config: MiniMindConfig, state: dict[str, torch.Tensor], where: s
     (accelerate's init_empty_weights, not a meta device context: RoPE tables must still be computed)."""
     from accelerate import init_empty_weights
 
+    check_config_fits_weights(config, state, where)
     with init_empty_weights():
         model = MiniMindForCausalLM(config)
     state = check_state_dict(state, model.state_dict(), config, where)
@@ -157,16 +167,25 @@ def _read_hf_dir(folder: Path) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]
     raw = read_json(config_file)
     model_type = raw.get("model_type")
     where = str(config_file)
+    for field in REQUIRED_FIELDS:  # no silent defaults for the model's shape (transformers would take Llama-7B's)
+        problem = f"field {field!r} is missing" if field not in raw else field_error(field, raw[field])
+        if problem:
+            raise CheckpointError(f"{where}: {problem}; set it to the model's value")
     if model_type == "minimind":
         try:
             model_config = MiniMindConfig.from_dict(raw)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"{where}: {err}") from err
     else:
+        if model_type not in HF_MODEL_TYPES:
+            raise CheckpointError(
+                f"{where}: field 'model_type': {model_type!r} is not supported; supported: {', '.join(HF_MODEL_TYPES)}"
+            )
         try:
             hf = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{where}: field 'model_type': {model_type!r} is not a known model type") from err
+        except Exception as err:  # transformers' own field validation: one line of it
+            reason = " ".join(line.strip() for line in str(err).splitlines())
+            raise CheckpointError(f"{where}: config cannot be used: {reason}") from None
         model_config = minimind_config_from_hf(hf, where)
     state = state_dict_from_hf(read_safetensors_dir(folder), model_config, str(folder))
     return model_config, state

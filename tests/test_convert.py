@@ -249,3 +249,62 @@ def test_merge_lora_matches_peft_merge(upstream_fixtures, tmp_path):
     assert (logits(reload(out), IDS) - expected).abs().max().item() <= 1e-4
     merged, _ = load_model(src, lora=tmp_path / "adapter")
     assert (logits(merged, IDS) - expected).abs().max().item() <= 1e-4
+
+
+def bad_model_files(folder, upstream_fixtures) -> dict[str, list[str]]:
+    """Every kind of broken model file, as `minimind convert` arguments (SRC and options)."""
+    import pickle
+
+    from tests.test_loader import WritesMarker, edit_config, our_dir
+
+    pth, config = (
+        upstream_fixtures / "minimind2-dense" / "model.pth",
+        upstream_fixtures / "minimind2-dense" / "config.json",
+    )
+    cases: dict[str, list[str]] = {}
+
+    def hf_dir(name: str, **changes) -> str:
+        our_dir(folder / name, upstream_fixtures)
+        edit_config(folder / name, **changes)
+        cases[name] = [str(folder / name)]
+        return str(folder / name)
+
+    hf_dir("missing-field", hidden_size=None)
+    hf_dir("string-field", hidden_size="64")
+    hf_dir("negative-field", num_attention_heads=-4)
+    hf_dir("million-layers", num_hidden_layers=1000000)
+    (folder / hf_dir("bad-json") / "config.json").write_text('{"model_type": "minimind", "hidden_size": ,}')
+    weights = folder / hf_dir("truncated-safetensors") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    (folder / hf_dir("garbage-safetensors") / "model.safetensors").write_bytes(b"\xff" * 64)
+    (folder / "no-config").mkdir()
+    cases["no-config"] = [str(folder / "no-config")]
+    files = {
+        "truncated.pth": pth.read_bytes()[: pth.stat().st_size // 2],
+        "empty.pth": b"",
+        "text.pth": b"this is not a checkpoint",
+        "plain-pickle-with-code.pth": pickle.dumps({"w": WritesMarker(folder / "payload-ran")}),
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    state = torch.load(pth)
+    state["model.norm.weight"] = WritesMarker(folder / "payload-ran")
+    torch.save(state, folder / "zip-with-code.pth")
+    for name in [*files, "zip-with-code.pth"]:
+        cases[name] = [str(folder / name), "--config", str(config)]
+    return cases
+
+
+def test_every_bad_model_file_is_one_error_line(upstream_fixtures, tmp_path, capsys):
+    """What, where, how: one line on stderr, exit 1, no traceback, and never torch's advice to load
+    with weights_only=False."""
+    cases = bad_model_files(tmp_path / "bad", upstream_fixtures)
+    capsys.readouterr()  # the progress bars of building them
+    for name, args in cases.items():
+        assert main(["convert", args[0], str(tmp_path / "out"), *args[1:]]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
+        assert "weights_only" not in err and "Traceback" not in err, (name, err)
+        assert args[0] in err, (name, err)  # names the file or directory
+    assert not (tmp_path / "bad" / "payload-ran").exists()
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -252,6 +253,115 @@ def test_directory_without_weights(upstream_fixtures, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_model(tmp_path)
+
+
+def our_dir(folder, upstream_fixtures):
+    tiny_model().save_pretrained(folder)
+    load_tokenizer(upstream_fixtures / "minimind2-dense").save_pretrained(folder)
+
+
+def edit_config(folder, **changes) -> None:
+    """Set (or with None as the value, remove) config.json fields."""
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("kind", ["minimind", "llama"])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        (None, "field 'hidden_size' is missing"),
+        (-64, "field 'hidden_size' must be a positive integer, got -64"),
+        ("64", "field 'hidden_size' must be a positive integer, got '64'"),
+        (64.5, "field 'hidden_size' must be a positive integer, got 64.5"),
+    ],
+)
+def test_config_fields_are_checked_by_name(upstream_fixtures, tmp_path, kind, value, problem):
+    if kind == "minimind":
+        our_dir(tmp_path, upstream_fixtures)
+    else:
+        save_with_tokenizer(hf_model("llama"), tmp_path, upstream_fixtures)
+    edit_config(tmp_path, hidden_size=value)
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(err.value) == f"{tmp_path / 'config.json'}: {problem}; set it to the model's value"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"num_attention_heads": 3, "head_dim": None},
+            "field 'hidden_size' (64) must be a multiple of num_attention_heads (3)",
+        ),
+        ({"num_key_value_heads": 0}, "field 'num_key_value_heads' must be a positive integer, got 0"),
+        ({"rms_norm_eps": "tiny"}, "field 'rms_norm_eps' must be a positive number, got 'tiny'"),
+        ({"tie_word_embeddings": "yes"}, "field 'tie_word_embeddings' must be true or false, got 'yes'"),
+        ({"num_attention_heads": 8}, "num_attention_heads x head_dim is 8 x 16 = 128 but the weights need 64"),
+    ],
+)
+def test_config_values_and_divisibility(upstream_fixtures, tmp_path, changes, message):
+    our_dir(tmp_path, upstream_fixtures)
+    edit_config(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model(tmp_path)
+
+
+def test_more_layers_than_the_weights_fail_before_the_model_is_built(upstream_fixtures, tmp_path, monkeypatch):
+    """num_hidden_layers: 1000000 with two layers of weights: refused from the weights' keys; no layer is built."""
+    import engine.model
+
+    our_dir(tmp_path, upstream_fixtures)
+    edit_config(tmp_path, num_hidden_layers=1000000)
+    built = []
+    original = engine.model.DecoderLayer.__init__
+
+    def counting(self, config, layer_idx):
+        built.append(layer_idx)
+        assert len(built) <= 100, "the model is being built layer by layer"
+        original(self, config, layer_idx)
+
+    monkeypatch.setattr(engine.model.DecoderLayer, "__init__", counting)
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}: weights do not match the config: num_hidden_layers is 1000000 but the weights need 2 "
+        "(missing tensors: model.layers.2.*); correct the config"
+    )
+    assert built == []
+
+
+class WritesMarker:
+    """Pickles as a call of open(path, "w"): loading it with plain pickle creates the marker file."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pth_that_would_run_code_is_refused(upstream_fixtures, tmp_path):
+    state = torch.load(upstream_fixtures / "minimind2-dense" / "model.pth")
+    state["model.norm.weight"] = WritesMarker(tmp_path / "payload-ran")
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "model.pth", config=upstream_fixtures / "minimind2-dense" / "config.json")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'model.pth'}: not a plain state dict: it holds Python objects (")
+    assert "refused for safety" in message and "weights_only" not in message and "\n" not in message
+    assert not (tmp_path / "payload-ran").exists()
+
+
+def test_a_directory_without_config_json_is_not_a_model_directory(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path} is not a model directory: no config.json (expected a Hugging Face directory, a .pth or a "
+        ".gguf file)"
+    )
 
 
 @pytest.mark.parametrize(

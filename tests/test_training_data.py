@@ -152,6 +152,19 @@ BAD_LINES = [
     ("sft", '{"conversations": [{"role": "user", "content": "x"}]}\n', 1, "no assistant turn"),
     ("sft", '{"conversations": [{"role": "user", "content": ["x"]}]}\n', 1, "content must be a string"),
     ("sft", '{"conversations": [{"role": "assistant", "content": "a", "tool_calls": "{oops"}]}\n', 1, "not valid JSON"),
+    # valid JSON, but a lone UTF-16 surrogate is not text: no tokenizer can encode it
+    (
+        "pretrain",
+        '{"text": "fine"}\n{"text": "a\\ud800b"}\n',
+        2,
+        'field "text" holds a lone UTF-16 surrogate (\\ud800)',
+    ),
+    (
+        "sft",
+        '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x\\udc00"}]}\n',
+        1,
+        'field "conversations[1].content" holds a lone UTF-16 surrogate (\\udc00)',
+    ),
 ]
 
 
@@ -168,19 +181,23 @@ def test_a_bad_line_names_file_line_and_reason(tmp_path, stage, content, lineno,
 
 def test_skip_bad_lines_skips_and_counts(tmp_path, caplog):
     good = [{"text": t} for t in sentences(20)]
-    rows = good[:5] + ['{"text": "no end', '{"other": 1}'] + good[5:] + ['{"text": ""}']
+    rows = good[:5] + ['{"text": "no end', '{"other": 1}'] + good[5:] + ['{"text": ""}', '{"text": "a\\ud800b"}']
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     with caplog.at_level("WARNING", logger="minimind.train"):
         run = train(tmp_path, data_path=str(data), max_steps=1, skip_bad_lines=True)
-    assert "skipped 3 bad line(s)" in caplog.text
+    assert "skipped 4 bad line(s)" in caplog.text
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["bad_lines"] == 3.0
+    assert first["bad_lines"] == 4.0
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
     clean = PretrainDataset([write_jsonl(tmp_path / "clean.jsonl", good)], tokenizer, 16, cache_dir=str(tmp_path / "c"))
     skipped = PretrainDataset([data], tokenizer, 16, skip_bad_lines=True, cache_dir=str(tmp_path / "c"))
-    assert skipped.num_tokens == clean.num_tokens and skipped.bad_lines == 3
-    sft = write_jsonl(tmp_path / "s.jsonl", [conversation(1), '{"conversations": []}', conversation(2)])
-    assert SFTDataset([sft], tokenizer, 64, skip_bad_lines=True, cache_dir=str(tmp_path / "c")).bad_lines == 1
+    assert skipped.num_tokens == clean.num_tokens and skipped.bad_lines == 4
+    surrogate = '{"conversations": [{"role": "user", "content": "\\ud83d"}, {"role": "assistant", "content": "a"}]}'
+    sft = write_jsonl(tmp_path / "s.jsonl", [conversation(1), '{"conversations": []}', surrogate, conversation(2)])
+    assert SFTDataset([sft], tokenizer, 64, skip_bad_lines=True, cache_dir=str(tmp_path / "c")).bad_lines == 2
+    # a valid surrogate pair is one character (U+1F600), not a bad line
+    pair = write_jsonl(tmp_path / "pair.jsonl", ['{"text": "smile \\ud83d\\ude00"}'] + good)
+    assert PretrainDataset([pair], tokenizer, 16, cache_dir=str(tmp_path / "c")).bad_lines == 0
 
 
 def test_tokenizing_never_holds_the_file_in_memory(tmp_path):

@@ -3,8 +3,10 @@ exactly (DDP and FSDP under torchrun, gloo on CPU) or is refused clearly; checkp
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -12,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.test_training_support import ROOT, config_values, metrics, sentences, train, write_jsonl
+from training.checkpoint import rng_state, set_rng_state
 from training.errors import TrainingError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
@@ -146,7 +150,69 @@ def test_explicit_resume_paths_and_unreadable_checkpoints(tmp_path, data):
     with pytest.raises(TrainingError, match="not a checkpoint directory"):
         train(tmp_path, data_path=str(data), resume=str(tmp_path / "nowhere"))
     (run / "checkpoints" / "step-00000002" / "trainer_state.pt").write_bytes(b"truncated")
-    with pytest.raises(TrainingError, match="cannot be read .* delete it or pass --resume never"):
+    with pytest.raises(TrainingError, match="not a readable PyTorch checkpoint .*; delete .* or pass --resume never"):
         train(tmp_path, data_path=str(data), max_steps=3)
     train(tmp_path, data_path=str(data), max_steps=3, resume="never")
     assert sorted(metrics(run)) == [1, 2, 3]
+
+
+# ---- a resume file is data, never code ----
+
+
+class WritesMarker:
+    """Pickles as a call of open(path, "w"): loading it with plain pickle creates the marker file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("how", ["explicit", "auto"])
+def test_a_trainer_state_that_would_run_code_is_refused(tmp_path, data, how):
+    """A run directory from elsewhere: its trainer_state.pt is a real one plus a __reduce__ payload."""
+    flags = dict(max_steps=2, save_every=1, keep_last=1)
+    run = train(tmp_path, data_path=str(data), **flags)
+    checkpoint = run / "checkpoints" / "step-00000002"
+    marker = tmp_path / "payload-ran"
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    state["scaler"] = {"scale": WritesMarker(marker)}
+    torch.save(state, checkpoint / "trainer_state.pt")
+    resume = ["--resume", str(checkpoint)] if how == "explicit" else []  # auto: the newest checkpoint in run
+    done = subprocess.run(
+        minimind_train(*train_args(data, run, tmp_path / "cache", **{**flags, "max_steps": 3}), *resume),
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert not marker.exists(), "the payload ran"
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: resume: {checkpoint / 'trainer_state.pt'}: not a plain state dict"), error
+    assert "refused for safety" in error and "pass --resume never" in error
+    assert "Traceback" not in done.stderr and "weights_only" not in done.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # nothing trained or saved
+
+
+def test_rng_states_load_without_code_and_restore_the_streams():
+    saved = rng_state()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_a_checkpoint_with_the_older_numpy_rng_layout_still_resumes(tmp_path, data):
+    """Checkpoints written before the RNG states were tensors hold numpy's state as an ndarray."""
+    run = train(tmp_path, data_path=str(data), max_steps=2, save_every=1)
+    path = run / "checkpoints" / "step-00000002" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    np.random.seed(7)
+    state["rng"][0]["numpy"] = np.random.get_state()
+    torch.save(state, path)
+    train(tmp_path, data_path=str(data), max_steps=3, save_every=1)
+    assert sorted(metrics(run))[-1] == 3

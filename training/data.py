@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from array import array as int_array
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import torch
 
 from training.chat_masks import ConversationError, normalise_messages, tokenize_conversation
 from training.config import minimind_home
-from training.errors import TrainingError
+from training.errors import TrainingError, os_errors
 
 log = logging.getLogger("minimind.train")
 CACHE_VERSION = 1
@@ -43,7 +44,7 @@ class LineStats:
 def iter_jsonl(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> Iterator[tuple[int, Any]]:
     """(line number, value of `key`) for each non-empty line; a bad line raises with file:line or is counted."""
     check_data_file(path)
-    with path.open("rb") as handle:
+    with os_errors(f"cannot read data file {path}", "--data-path"), path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -52,10 +53,36 @@ def iter_jsonl(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> 
                 record = json.loads(raw)
                 if not isinstance(record, dict) or key not in record:
                     raise ValueError(f'expected a JSON object with a "{key}" field')
-                yield lineno, record[key]
+                if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can put a surrogate into decoded JSON
+                    check_surrogates(record[key], key)
             except (ValueError, UnicodeDecodeError) as err:
                 reason = f"invalid JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
                 bad_line(path, lineno, reason, skip_bad_lines, stats)
+                continue
+            yield lineno, record[key]
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_surrogates(value: Any, field: str) -> None:
+    """Refuse a lone UTF-16 surrogate ("\\ud800" is valid JSON but not text: no tokenizer can encode it).
+
+    json has already joined valid surrogate pairs into one character, so any surrogate left is a lone one.
+    """
+    if isinstance(value, str):
+        found = LONE_SURROGATE.search(value)
+        if found:
+            raise ValueError(
+                f'field "{field}" holds a lone UTF-16 surrogate (\\u{ord(found.group()):04x}), which is not text'
+            )
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            check_surrogates(item, f"{field}[{n}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            check_surrogates(name, f"{field} (a key)")
+            check_surrogates(item, f"{field}.{name}")
 
 
 def check_data_file(path: Path) -> None:
@@ -185,7 +212,10 @@ class PretrainDataset:
         arrays = []
         for path in files:
             target = cache_dir_for("pretrain", path, tokenizer, skip_bad_lines, cache_dir)
-            meta = _build_atomically(target, lambda tmp, p=path: tokenize_pretrain(p, tokenizer, skip_bad_lines, tmp))
+            with os_errors(f"cannot write the tokenized-data cache {target}", "--cache-dir"):
+                meta = _build_atomically(
+                    target, lambda tmp, p=path: tokenize_pretrain(p, tokenizer, skip_bad_lines, tmp)
+                )
             self.bad_lines += meta["bad_lines"]
             if meta["num_tokens"]:
                 arrays.append(np.memmap(target / "tokens.bin", dtype=meta["dtype"], mode="r"))
@@ -232,7 +262,8 @@ class SFTDataset:
         self.num_tokens = 0
         for path in files:
             target = cache_dir_for("sft", path, tokenizer, skip_bad_lines, cache_dir)
-            meta = _build_atomically(target, lambda tmp, p=path: tokenize_sft(p, tokenizer, skip_bad_lines, tmp))
+            with os_errors(f"cannot write the tokenized-data cache {target}", "--cache-dir"):
+                meta = _build_atomically(target, lambda tmp, p=path: tokenize_sft(p, tokenizer, skip_bad_lines, tmp))
             self.bad_lines += meta["bad_lines"]
             if not meta["num_tokens"]:
                 continue

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.errors import TrainingError
+from training.errors import TrainingError, os_errors
 
 # Dense bf16 peak of the GPUs MFU is reported for (FLOP/s); others show no MFU rather than a wrong one.
 PEAK_FLOPS = {
@@ -90,8 +90,10 @@ class Reporter:
         self.jsonl = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.where = run_dir / "metrics.jsonl"
+        with os_errors(f"cannot write {self.where}", "--output-dir"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = self.where.open("a")
         for name in [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]:
             self.sinks.append(self._open(name, run_dir, run_name or run_dir.name, config))
 
@@ -117,8 +119,9 @@ class Reporter:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        with os_errors(f"cannot write {self.where}", "--output-dir"):
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
         for kind, sink in self.sinks:
             if kind == "tensorboard":
                 for key, value in metrics.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,17 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from training.checkpoint import check_world, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (
+    check_world,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.config import TrainConfig
-from training.errors import TrainingError
+from training.errors import TrainingError, os_errors
 from training.reporting import MetricWindow, Reporter, StepStats, flops_per_token, peak_flops
 from training.setup import build_model, compile_model, param_groups, precision, setup_distributed
 from training.stages import StageContext
@@ -78,6 +87,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + self.rank)
+        if self.is_main:
+            self.prepare_run_dir()
         tokenizer_dir = cfg.tokenizer or cfg.init_from
         if not tokenizer_dir:
             raise TrainingError("no tokenizer: set tokenizer: (a directory with tokenizer.json) or init_from:")
@@ -112,6 +123,17 @@ class Trainer:
             compile_model(self.model, self.stage, cfg.compile_scope, cfg.compile_mode)
         self.start_step, self.tokens_seen = 0, 0
         self.resume()
+
+    def prepare_run_dir(self) -> None:
+        """Fail now, not after tokenizing and training, when the run directory cannot be written; and remove the
+        partial checkpoints a killed or disk-full run left (they would hold the space the next save needs)."""
+        probe = self.run_dir / f".write-test-{os.getpid()}"
+        with os_errors(f"cannot write to the run directory {self.run_dir}", "--output-dir"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+            for stale in remove_stale_temporaries(self.run_dir):
+                log.info("removed %s, left by an interrupted save", stale)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
@@ -254,8 +276,8 @@ class Trainer:
         """Write config.yaml, open the metrics sinks and say what is about to run."""
         cfg = self.cfg
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
+            with os_errors(f"cannot write {self.run_dir / 'config.yaml'}", "--output-dir"):
+                cfg.save(self.run_dir / "config.yaml")
             if self.dataset.bad_lines:
                 log.warning("skipped %d bad line(s) in %s (--skip-bad-lines)", self.dataset.bad_lines, cfg.data_path)
         reporter = Reporter(self.run_dir, cfg.report_to, cfg.run_name, cfg.to_dict(), self.is_main)
