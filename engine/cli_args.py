@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 
@@ -55,8 +56,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype",
         default=None,
-        choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-        help="weight precision (default: bf16 on GPU, float32 on CPU)",
+        type=str.lower,
+        choices=DTYPE_CHOICES,
+        metavar="DTYPE",
+        help=f"weight precision: {DTYPE_HELP} (default: bf16 on GPU, float32 on CPU)",
     )
     group.add_argument(
         "--max-model-len", type=int, default=None, help="context window in tokens, prompt + output (default: model's)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
+
 EPILOG = """\
 SRC kinds: an upstream MiniMind .pth (with --preset and/or --config), a Hugging Face directory of
 model_type minimind, llama, qwen2, qwen3, qwen2_moe or qwen3_moe, or a .gguf file.
@@ -42,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", metavar="DIR", help="directory with tokenizer.json/tokenizer_config.json (default: beside SRC)"
     )
     parser.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], help="weight precision of OUT (default: the same as SRC)"
+        "--dtype",
+        type=str.lower,
+        choices=[name for name in DTYPE_CHOICES if name != "auto"],
+        metavar="DTYPE",
+        help=f"weight precision of OUT: {DTYPE_HELP.replace(' or auto', '')} (default: the same as SRC)",
     )
     parser.add_argument("--merge-lora", metavar="ADAPTER", help="PEFT LoRA adapter directory to merge into the weights")
     parser.add_argument(

@@ -26,19 +26,11 @@ from engine.checkpoint import (
     state_dict_from_hf,
 )
 from engine.config import MiniMindConfig, field_error
+from engine.dtypes import dtype_name
 from engine.errors import CheckpointError
 from engine.model import MiniMindForCausalLM
 
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # The shape fields a Hugging Face config.json must name (every real one does).
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -57,13 +49,15 @@ _UPSTREAM_YARN = {
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
     """A torch dtype from a name ("bf16", "float16", ...); None means: the checkpoint's own (fp32 on CPU)."""
-    if dtype is None or dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else None
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
-    return DTYPES[dtype]
+    try:
+        name = "auto" if dtype is None else dtype_name(dtype)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if name == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else None
+    return DTYPES[name]
 
 
 def load_model(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.dtypes import DTYPE_HELP, dtype_name
 from minimind.errors import MiniMindError
 
 
@@ -69,7 +70,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "num_speculative_tokens": (int, "tokens the draft model proposes per step with --draft-model"),
     "lora": (str, "a PEFT LoRA adapter directory merged into the model at load time"),
     "tokenizer": (str, "tokenizer directory, when it is not stored with the model"),
-    "dtype": (str, "weight dtype: float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"),
+    "dtype": (str, f"weight dtype: {DTYPE_HELP} (default: bfloat16 on GPU, float32 on CPU)"),
     "device": (str, "device to run on: cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)"),
     "compile": (
         bool,
@@ -157,3 +158,8 @@ def validate(settings: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise SettingsError(message)
+    if settings.dtype is not None:
+        try:
+            dtype_name(settings.dtype)
+        except ValueError as err:
+            raise SettingsError(f"--dtype: {err}") from None

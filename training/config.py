@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from engine.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
@@ -75,7 +76,9 @@ class TrainConfig:
     # hardware
     device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     dtype: str = _f(
-        "auto", "auto (bf16 autocast on GPUs that have it, fp16+GradScaler otherwise, fp32 on CPU), bf16, fp16 or fp32"
+        "auto",
+        "auto (bf16 autocast on GPUs that have it, fp16+GradScaler otherwise, fp32 on CPU), bf16/bfloat16, "
+        "fp16/float16/half or fp32/float32/float",
     )
     compile: bool = _f(False, "torch.compile the model (faster steps after a warm-up compile)")
     compile_scope: str = _f(
@@ -158,7 +161,7 @@ class TrainConfig:
                 "compile_mode",
                 "must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs",
             ),
-            (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
+            (str(self.dtype).lower() in DTYPE_ALIASES, "dtype", f"must be one of {DTYPE_HELP}"),
             (self.lora_rank >= 1, "lora_rank", "must be at least 1"),
             (self.keep_last >= 1, "keep_last", "must be at least 1"),
             (self.log_every >= 1, "log_every", "must be at least 1"),

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.dtypes import dtype_name
 from training.config import TrainConfig
 from training.errors import TrainingError
 
@@ -36,6 +37,7 @@ def setup_distributed(device: str) -> tuple[int, int, int, torch.device]:
 
 def precision(dtype: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    dtype = dtype_name(dtype)
     if device.type != "cuda":
         if dtype in ("bf16", "fp16"):
             raise TrainingError(f"dtype={dtype} needs a GPU; on CPU training runs in fp32 (dtype auto or fp32)")

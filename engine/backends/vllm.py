@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.backend import CompletionDelta, EngineStats, ModelInfo, TokenLogprob
+from engine.dtypes import LONG_NAMES, dtype_name
 from engine.errors import EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
 from engine.sampling_params import SamplingParams
 
@@ -122,7 +123,7 @@ class VllmBackend:
             served_model_name=served_model_name,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            dtype=dtype or "auto",
+            dtype=LONG_NAMES[dtype_name(dtype or "auto")],
             gpu_memory_utilization=gpu_memory_utilization,
             speculative_config=speculative,
             disable_log_stats=False,
@@ -142,7 +143,7 @@ class VllmBackend:
             vocab_size=len(self.tokenizer),
             backend="vllm",
             device="cuda",
-            dtype=dtype or "auto",
+            dtype=LONG_NAMES[dtype_name(dtype or "auto")],
         )
 
     async def start(self) -> None:
