@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from server import settings as settings_mod
+from server.listen import bind_port
 from server.settings import Settings
 
 log = logging.getLogger("minimind.server")
@@ -76,6 +77,7 @@ def serve(settings: Settings) -> None:
     # shutdown waits up to --drain-timeout, then the backend aborts what is left).
     AppStatus.disable_automatic_graceful_drain()
 
+    sock = bind_port(settings.host, settings.port)  # before the model loads: a busy port fails at once
     backend = build_backend(settings)
     app = create_app(backend, settings)
     info = backend.info
@@ -107,7 +109,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout)),
     )
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=[sock])
 
 
 def run(args: argparse.Namespace) -> int:
