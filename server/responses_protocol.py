@@ -8,10 +8,24 @@ tools, and the model's reasoning, text and tool calls become output items. What 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from server.errors import APIError
 from server.protocol import ChatMessage, FunctionCall, FunctionDefinition, Request, Tool, ToolCall, random_id
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _build(model: type[M], where: str, **fields: Any) -> M:
+    """A protocol object from client-given fields; a field of the wrong type is a 400 naming where it was."""
+    try:
+        return model(**fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise APIError(400, f"{where}.{field}: {first['msg']}", param=f"{where}.{field}") from None
 
 
 class ResponsesRequest(Request):
@@ -54,8 +68,8 @@ def check_supported(req: ResponsesRequest) -> None:
     for bad, param, message in refused:
         if bad:
             raise APIError(400, message, param=param)
-    text_format = ((req.text or {}).get("format") or {}).get("type", "text")
-    if text_format != "text":
+    text_format = (req.text or {}).get("format") or {}
+    if not isinstance(text_format, dict) or text_format.get("type", "text") != "text":
         raise APIError(400, "text.format: only {'type': 'text'} is supported by this server", param="text.format")
     if isinstance(req.tool_choice, dict) or req.tool_choice not in (None, "auto", "none"):
         raise APIError(
@@ -67,6 +81,7 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[Tool]:
     """Responses function tools (`{"type": "function", "name", "parameters"}`) as chat tools."""
     out = []
     for i, tool in enumerate(tools or []):
+        where = f"tools[{i}]"
         if tool.get("type") != "function":
             raise APIError(
                 400,
@@ -75,11 +90,9 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[Tool]:
             )
         spec = tool.get("function") if isinstance(tool.get("function"), dict) else tool  # chat form accepted too
         if not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise APIError(400, f"tools[{i}]: a function tool needs a 'name'", param=f"tools[{i}].name")
-        definition = FunctionDefinition(
-            name=spec["name"], description=spec.get("description"), parameters=spec.get("parameters")
-        )
-        out.append(Tool(function=definition))
+            raise APIError(400, f"{where}: a function tool needs a 'name'", param=f"{where}.name")
+        fields = {k: spec.get(k) for k in ("name", "description", "parameters")}
+        out.append(Tool(function=_build(FunctionDefinition, where, **fields)))
     return out
 
 
@@ -113,14 +126,14 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[ChatMessage]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise APIError(400, f"{where}: role {role!r} is not one of user, assistant, system, developer")
+                raise APIError(
+                    400, f"{where}: role {role!r} is not one of user, assistant, system, developer", param=where
+                )
             text = _text_of(item.get("content", ""), f"{where}.content")
             messages.append(ChatMessage(role="system" if role == "developer" else role, content=text))
         elif kind == "function_call":
-            call = ToolCall(
-                id=item.get("call_id") or random_id("call_"),
-                function=FunctionCall(name=item.get("name", ""), arguments=item.get("arguments") or "{}"),
-            )
+            function = _build(FunctionCall, where, name=item.get("name"), arguments=item.get("arguments") or "{}")
+            call = _build(ToolCall, where, id=item.get("call_id") or random_id("call_"), function=function)
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant":
                 last.tool_calls = [*(last.tool_calls or []), call]
@@ -129,7 +142,7 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[ChatMessage]:
         elif kind == "function_call_output":
             output = item.get("output", "")
             text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
-            messages.append(ChatMessage(role="tool", content=text, tool_call_id=item.get("call_id")))
+            messages.append(_build(ChatMessage, where, role="tool", content=text, tool_call_id=item.get("call_id")))
         elif kind == "reasoning":
             continue  # earlier reasoning is not shown to the model again, as with chat completions
         else:

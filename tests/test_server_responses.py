@@ -123,6 +123,9 @@ def test_store_false_keeps_nothing(client, server):
         ({"tool_choice": "required", "tools": RESPONSES_TOOLS}, "tool_choice"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"temperature": 2.5}, "temperature"),
+        ({"input": [{"type": "function_call", "call_id": "c1", "name": 7, "arguments": "{}"}]}, "input[0].name"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": "not an object"}]}, "tools[0].parameters"),
+        ({"text": {"format": "json"}}, "text.format"),
     ],
 )
 def test_what_is_not_supported_is_a_400_naming_the_field(client, server, extra, param):
