@@ -20,7 +20,8 @@ log = logging.getLogger("minimind.server")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve a model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
-        "/v1/embeddings, /v1/models, /health, /metrics). Every flag can also be set as a MINIMIND_* "
+        "/v1/responses, /v1/embeddings, /v1/models, /tokenize, /tokenizer_info, /health, /metrics). Every flag "
+        "can also be set as a MINIMIND_* "
         "environment variable, e.g. MINIMIND_PORT=9000."
     )
     parser.epilog = "example:\n  minimind serve --model out/minimind2-sft --port 8998 --api-key secret"
