@@ -31,5 +31,4 @@ def bind_port(host: str, port: int) -> socket.socket:
                 f"no permission to listen on port {port}: ports below 1024 need root; choose --port 1024 or above"
             ) from None
         raise SettingsError(f"cannot listen on {host}:{port} ({err.strerror}); check --host and --port") from None
-    sock.set_inheritable(True)
     return sock
