@@ -69,6 +69,7 @@ def build_backend(settings: Settings) -> Any:
 
 
 def serve(settings: Settings) -> None:
+    sock = bind_port(settings.host, settings.port)  # before the imports and the model load: a busy port fails at once
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -78,7 +79,6 @@ def serve(settings: Settings) -> None:
     # shutdown waits up to --drain-timeout, then the backend aborts what is left).
     AppStatus.disable_automatic_graceful_drain()
 
-    sock = bind_port(settings.host, settings.port)  # before the model loads: a busy port fails at once
     backend = build_backend(settings)
     app = create_app(backend, settings)
     info = backend.info
