@@ -33,14 +33,28 @@ def _top_level_help() -> str:
         "commands:",
     ]
     lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
-    lines += ["", "Run `minimind <command> --help` for a command's options."]
+    lines += ["", "Run `minimind <command> --help` for a command's options; `minimind --version` prints the version."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or a note when running from an uninstalled checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("my-minimind")
+    except PackageNotFoundError:
+        return "unknown (not installed: run `pip install -e .`)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_level_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"minimind {version()}")
         return 0
     name = argv[0]
     if name not in SUBCOMMANDS:

@@ -16,10 +16,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.backend import Backend
-from server import routes_chat, routes_completions, routes_embeddings, routes_health, routes_models, routes_tokenize
+from server import (
+    routes_chat,
+    routes_completions,
+    routes_embeddings,
+    routes_health,
+    routes_models,
+    routes_responses,
+    routes_tokenize,
+    routes_tokenizer_info,
+)
 from server.auth import check_api_key
 from server.errors import APIError, install_error_handlers
 from server.metrics import ServerMetrics
+from server.request_id import RequestId
+from server.responses_store import ResponseStore
 from server.settings import Settings
 
 _SLASHES = re.compile(r"/{2,}")
@@ -71,6 +82,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServerMetrics(backend, backend.info.name)
     app.state.draining = False
     app.state.ready = False
+    app.state.responses = ResponseStore()
 
     install_error_handlers(app)
     v1 = [Depends(check_api_key), Depends(admit)]
@@ -78,7 +90,9 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_chat.router, dependencies=v1)
     app.include_router(routes_completions.router, dependencies=v1)
     app.include_router(routes_embeddings.router, dependencies=v1)
+    app.include_router(routes_responses.router, dependencies=v1)
     app.include_router(routes_tokenize.router)
+    app.include_router(routes_tokenizer_info.router)
     app.include_router(routes_health.router)
 
     if settings.cors_origins:
@@ -89,5 +103,6 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    app.add_middleware(RequestId)
     app.add_middleware(NormalizePath)
     return app

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from server import settings as settings_mod
+from server.listen import bind_port
 from server.settings import Settings
 
 log = logging.getLogger("minimind.server")
@@ -19,7 +20,8 @@ log = logging.getLogger("minimind.server")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve a model through an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
-        "/v1/embeddings, /v1/models, /health, /metrics). Every flag can also be set as a MINIMIND_* "
+        "/v1/responses, /v1/embeddings, /v1/models, /tokenize, /tokenizer_info, /health, /metrics). Every flag "
+        "can also be set as a MINIMIND_* "
         "environment variable, e.g. MINIMIND_PORT=9000."
     )
     parser.epilog = "example:\n  minimind serve --model out/minimind2-sft --port 8998 --api-key secret"
@@ -67,6 +69,7 @@ def build_backend(settings: Settings) -> Any:
 
 
 def serve(settings: Settings) -> None:
+    sock = bind_port(settings.host, settings.port)  # before the imports and the model load: a busy port fails at once
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -107,7 +110,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout)),
     )
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=[sock])
 
 
 def run(args: argparse.Namespace) -> int:

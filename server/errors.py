@@ -91,6 +91,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid {where}: {detail}", field
 
 
+def _not_json_message(content_type: str) -> str:
+    """The body was not read as JSON because of its Content-Type (curl -d sends a form type)."""
+    got = f"'{content_type}'" if content_type else "none"
+    return (
+        f"the request body must be JSON sent with the header 'Content-Type: application/json' (Content-Type was "
+        f"{got}); with curl add -H 'Content-Type: application/json'"
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -103,6 +112,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type.lower() and any(e.get("loc") == ("body",) for e in exc.errors()):
+            return error_response(400, _not_json_message(content_type))
         message, param = _validation_message(exc)
         return error_response(400, message, param)
 

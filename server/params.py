@@ -16,6 +16,7 @@ from server.protocol import SamplingFields
 
 MAX_N = 64  # completions per request; more would fill the batch for one client
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's rule; outside it is a 400, not a silent clamp
 
 
 def check_model(requested: str | None, backend: Backend) -> None:
@@ -75,6 +76,8 @@ def sampling_params(
     """SamplingParams from the request's fields (vLLM names, so the mapping is 1:1)."""
     if not 1 <= req.n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
+    if req.temperature is not None and not TEMPERATURE_RANGE[0] <= req.temperature <= TEMPERATURE_RANGE[1]:
+        raise APIError(400, f"temperature must be between 0 and 2, got {req.temperature}", param="temperature")
     if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
         raise APIError(400, f"seed must be a 64-bit integer, got {req.seed}", param="seed")
     stop_token_ids = list(req.stop_token_ids or [])

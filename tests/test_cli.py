@@ -30,3 +30,11 @@ def test_top_level_help_is_fast_and_lists_subcommands():
 def test_unknown_command_exits_2(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_version_flag_prints_the_package_version():
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        out = subprocess.run([sys.executable, "-m", "minimind", flag], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == f"minimind {version('my-minimind')}"

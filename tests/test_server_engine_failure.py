@@ -102,3 +102,17 @@ def aborted(url: str) -> float:
         for line in lines
         if line.startswith("minimind:request_success_total{") and 'finished_reason="abort"' in line
     )
+
+
+def test_responses_stream_ends_with_response_failed(live):
+    """/v1/responses: an engine failure midway ends the stream with a response.failed event carrying the error."""
+    url, steps = live
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    steps.arm(after=3)
+    events = list(client.responses.create(model="tiny-minimind", input="hi", max_output_tokens=50, stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.status == "failed" and "illegal memory access" in failed.error.message
+    assert failed.id == events[0].response.id
+    out = client.responses.create(model="tiny-minimind", input="hi", max_output_tokens=3)
+    assert out.usage.output_tokens == 3  # the server lives on

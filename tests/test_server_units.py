@@ -128,6 +128,7 @@ def test_request_maps_onto_sampling_params_with_vllm_names():
     [
         ({"n": 0}, "n"),
         ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"seed": 2**70}, "seed"),
         ({"stop_token_ids": [100]}, "stop_token_ids"),

@@ -11,9 +11,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,8 @@ def _train_thinking_model(tokenizer):
 class LiveServer:
     """`minimind serve` in a subprocess on a free 127.0.0.1 port; its log is shown when it fails to start."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str) -> None:
-        self.port = _free_port()
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.base = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model_dir), "--host", "127.0.0.1"]
@@ -247,3 +248,139 @@ def test_wrong_key_busy_server_and_stopped_server_give_readable_errors(models, t
     # The failed exchanges stay on the page, each with its own error.
     assert [m["role"] for m in _history(at)] == ["user", "assistant"] * 2
     assert not at.exception
+
+
+def test_model_box_follows_a_server_started_after_the_page_and_a_key_fixed_after_a_401(models, tmp_path):
+    """The Model box fills in as soon as /v1/models answers, with no reload; the API's problem is said once."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    at = _app(base, key="wrong")
+    assert at.selectbox(key="model").value is None
+    _send(at, "anyone there?")  # sent while the server is down: the sentence shows once, in the answer
+    assert [e.value for e in at.error if "Cannot reach the API" in e.value] == [_history(at)[-1]["error"]]
+
+    live = LiveServer(models["random"], tmp_path / "serve.log", "--api-key", "secret", port=port)
+    try:
+        at.run()
+        assert at.selectbox(key="model").value is None  # up now, but the key is wrong: 401, said once
+        assert len([e for e in at.error if "refused the key (401)" in e.value]) == 1
+        at.text_input(key="api_key").set_value("secret").run()
+        assert at.selectbox(key="model").value == "tiny-random"
+        assert [e.value for e in at.error] == [_history(at)[1]["error"]]  # only the old exchange's own error
+        _send(at, "now?")
+        answer = _history(at)[-1]
+        assert answer["content"] and not answer.get("error")
+    finally:
+        live.stop()
+
+
+def _metric(base: str, name: str) -> float:
+    text = urllib.request.urlopen(base.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _send_and_stop(at, text: str, stop: Callable) -> dict:
+    """Send `text` and, once the answer has started to stream, call `stop(runner, tree_so_far)` from another
+    thread: what a click does while the script is still running. Returns what the page showed then."""
+    from streamlit.testing.v1 import local_script_runner
+    from streamlit.testing.v1.element_tree import parse_tree_from_messages
+
+    runners: list = []
+    original = local_script_runner.LocalScriptRunner.run
+    seen: dict = {}
+    finished = threading.Event()
+
+    def recording_run(self, *args, **kwargs):
+        runners.append(self)
+        return original(self, *args, **kwargs)
+
+    def watch() -> None:
+        while not finished.is_set():
+            if runners:
+                tree = parse_tree_from_messages(list(runners[0].forward_msgs()))
+                if any(m.value.endswith("▌") for m in tree.markdown):
+                    tree._runner = at  # widget values are read through the AppTest, as AppTest itself does
+                    seen["buttons"] = [b.key for b in tree.button]
+                    stop(runners[0], tree)
+                    return
+            time.sleep(0.01)
+
+    local_script_runner.LocalScriptRunner.run = recording_run
+    watcher = threading.Thread(target=watch)
+    try:
+        watcher.start()
+        _send(at, text)
+    finally:
+        finished.set()
+        watcher.join()
+        local_script_runner.LocalScriptRunner.run = original
+    assert "buttons" in seen, "the answer never started streaming"
+    return seen
+
+
+def _click_stop(runner, tree) -> None:
+    """The page's Stop button clicked mid-stream: a rerun request carrying the click, as the browser sends it."""
+    from streamlit.runtime.scriptrunner import RerunData
+
+    tree.button(key="stop").click()
+    runner.request_rerun(RerunData(widget_states=tree.get_widget_states()))
+
+
+def _toolbar_stop(runner, tree) -> None:
+    """Streamlit's own Stop (top right while a script runs)."""
+    runner.request_stop()
+
+
+@pytest.mark.parametrize("stop", [_click_stop, _toolbar_stop], ids=["page-stop-button", "streamlit-stop"])
+def test_stop_keeps_the_partial_answer_and_the_next_question_gets_its_own(server, stop):
+    tokenizer = _tokenizer()
+    at = _app(server.base)
+    _send(at, "first question")
+    at.number_input(key="max_tokens").set_value(400).run()  # long enough to be stopped midway
+    aborted = _metric(server.base, 'minimind:request_success_total{finished_reason="abort"')
+    seen = _send_and_stop(at, "second question", stop)
+    # while the second answer streamed, the first one no longer offered Regenerate; Stop was there
+    assert "stop" in seen["buttons"] and "regenerate" not in seen["buttons"]
+
+    at.run()
+    history = _history(at)
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    stopped = history[-1]
+    assert stopped["stopped"] and stopped["content"] and not stopped.get("error")
+    assert any("stopped" in c.value for c in at.chat_message[-1].caption)
+    assert at.chat_message[-1].markdown[0].value.strip() == stopped["content"].strip()
+    deadline = time.monotonic() + 60  # the closed stream aborts the generation on the server
+    while _metric(server.base, 'minimind:request_success_total{finished_reason="abort"') == aborted:
+        assert time.monotonic() < deadline, "the server never saw the stream closed"
+        time.sleep(0.2)
+
+    at.number_input(key="max_tokens").set_value(12).run()
+    _send(at, "third question")
+    history = _history(at)
+    assert [m["role"] for m in history] == ["user", "assistant"] * 3
+    answer = history[-1]
+    assert answer["content"] and not answer.get("stopped") and not answer.get("error")
+    # the server saw the stopped answer as the answer to its question, then the new question
+    sent = [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": history[1]["content"]},
+        {"role": "user", "content": "second question"},
+        {"role": "assistant", "content": stopped["content"]},
+        {"role": "user", "content": "third question"},
+    ]
+    text = tokenizer.apply_chat_template(sent, tokenize=False, add_generation_prompt=True)
+    assert answer["prompt_tokens"] == len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def test_page_has_no_deploy_button_and_clear_chat_comes_first(server):
+    """Streamlit's toolbar shows Deploy unless toolbarMode says otherwise: .streamlit/config.toml does, for
+    `streamlit run webui/app.py` from the repository root (AppTest does not draw the toolbar, so the setting
+    is read as Streamlit reads it there)."""
+    probe = "from streamlit import config; print(config.get_option('client.toolbarMode'))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "minimal"
+    at = _app(server.base)
+    assert at.sidebar.button[0].label == "Clear chat"
+    _send(at, "hello")
+    at.sidebar.button[0].click().run()
+    assert _history(at) == [] and not at.chat_message

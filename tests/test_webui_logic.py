@@ -57,6 +57,20 @@ def test_build_messages_skips_failed_exchanges():
     assert [m["content"] for m in build_messages("", history, "x", 5)] == ["q0", "a0", "lost", "half an ans", "x"]
 
 
+def test_stopped_answers_are_sent_as_far_as_they_went():
+    acc = StreamAccumulator()
+    stopped = acc.to_message(stopped=True)
+    assert stopped["stopped"] and stopped["stats"] == "stopped"
+    history = _history(1) + [{"role": "user", "content": "stopped at once"}, stopped]
+    assert [m["content"] for m in build_messages("", history, "next", 5)] == ["q0", "a0", "next"]
+    history[-1] = dict(stopped, content="the first words")
+    assert [m["content"] for m in build_messages("", history, "next", 5)][-3:] == [
+        "stopped at once",
+        "the first words",
+        "next",
+    ]
+
+
 def test_completion_request_streams_with_usage_and_thinking_switch():
     request = completion_request(
         model="m", messages=[{"role": "user", "content": "hi"}], temperature=0.3, top_p=0.9, max_tokens=7, thinking=True

@@ -19,6 +19,7 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from webui.chat_logic import (  # noqa: E402
+    DEFAULT_MAX_TOKENS,
     StreamAccumulator,
     api_settings_from_env,
     build_messages,
@@ -44,6 +45,7 @@ def sidebar() -> dict[str, Any]:
     """The settings panel; returns the values the next request uses."""
     env_base, env_key = api_settings_from_env()
     with st.sidebar:
+        st.button("Clear chat", on_click=clear_chat, icon=":material/delete:", width="stretch")
         st.header("Settings")
         api_base = st.text_input("API base URL", value=env_base, key="api_base", help="Ends with /v1.")
         api_key = st.text_input("API key", value=env_key, key="api_key", type="password")
@@ -53,16 +55,28 @@ def sidebar() -> dict[str, Any]:
             models = list_models(api_base, api_key)
         except Exception as exc:  # any failure becomes a sentence on the page, never a traceback
             models_error = friendly_error(exc, api_base)
+        # A model list that arrives later (server started after the page, key fixed after a 401) replaces the
+        # empty or stale choice: the widget keeps its old value otherwise.
+        if models and st.session_state.get("model") not in models:
+            st.session_state["model"] = models[0]
         model = st.selectbox("Model", models, key="model", help="Filled from the server's /v1/models.")
         system_prompt = st.text_area("System prompt", value="", key="system_prompt", height=80)
         temperature = st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="temperature")
         top_p = st.slider("Top p", 0.05, 1.0, 0.95, 0.05, key="top_p")
-        max_tokens = st.number_input("Max tokens", 1, 32768, 512, 64, key="max_tokens")
+        max_tokens = st.number_input(
+            "Max tokens",
+            1,
+            32768,
+            DEFAULT_MAX_TOKENS,
+            64,
+            key="max_tokens",
+            help="Longest answer, in tokens. A request without max_tokens may run to the end of the model's "
+            "context window, so the page always sends one.",
+        )
         history_turns = st.slider(
             "Past turns sent", 0, 20, 4, key="history_turns", help="How many earlier exchanges go with a message."
         )
         thinking = st.toggle("Thinking", value=False, key="thinking", help="Let the model reason before answering.")
-        st.button("Clear chat", on_click=clear_chat, icon=":material/delete:")
     return {
         "api_base": api_base,
         "api_key": api_key,
@@ -91,7 +105,9 @@ def regenerate() -> None:
 
 
 def draw_answer(message: dict[str, Any], *, last: bool) -> None:
-    """One assistant bubble's contents: reasoning (collapsed), answer, stats, copy, regenerate, error."""
+    """One assistant bubble's contents: reasoning (collapsed), answer, stats, copy, regenerate, error.
+
+    `last`: the newest answer, and no other one streaming: only it offers Regenerate."""
     if message.get("reasoning"):
         with st.expander("Thinking", expanded=False):
             st.markdown(message["reasoning"])
@@ -109,14 +125,18 @@ def draw_answer(message: dict[str, Any], *, last: bool) -> None:
         footer[2].button("Regenerate", key="regenerate", on_click=regenerate, icon=":material/refresh:")
 
 
-def stream_answer(settings: dict[str, Any], prompt: str, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sends one request and draws the answer as it streams; returns the assistant entry for the history."""
-    acc = StreamAccumulator()
+def stream_answer(settings: dict[str, Any], prompt: str, history: list[dict[str, Any]], acc: StreamAccumulator) -> dict:
+    """Sends one request and draws the answer as it streams; returns the assistant entry for the history.
+
+    Stop (the button under the answer, or Streamlit's own) ends this run at the next drawing call; the
+    `with` closes the stream, so the server stops generating, and the caller keeps what arrived.
+    """
     if not settings["model"]:
         message = acc.to_message()
         message["error"] = settings["models_error"] or f"The API at {settings['api_base']} lists no model to ask."
         return message
     reasoning_box, answer_box = st.empty(), st.empty()
+    st.button("Stop", key="stop", icon=":material/stop_circle:", help="Stop the answer; the part received is kept")
     try:
         messages = build_messages(settings["system_prompt"], history, prompt, settings["history_turns"])
         request = completion_request(
@@ -127,15 +147,15 @@ def stream_answer(settings: dict[str, Any], prompt: str, history: list[dict[str,
             max_tokens=settings["max_tokens"],
             thinking=settings["thinking"],
         )
-        stream = make_client(settings["api_base"], settings["api_key"]).chat.completions.create(**request)
-        for chunk in stream:
-            reasoning_delta, content_delta = acc.feed(chunk)
-            if reasoning_delta:
-                with reasoning_box.container():
-                    with st.expander("Thinking", expanded=True):
-                        st.markdown(acc.reasoning)
-            if content_delta:
-                answer_box.markdown(acc.content + "▌")
+        with make_client(settings["api_base"], settings["api_key"]).chat.completions.create(**request) as stream:
+            for chunk in stream:
+                reasoning_delta, content_delta = acc.feed(chunk)
+                if reasoning_delta:
+                    with reasoning_box.container():
+                        with st.expander("Thinking", expanded=True):
+                            st.markdown(acc.reasoning)
+                if content_delta:
+                    answer_box.markdown(acc.content + "▌")
     except Exception as exc:  # server down, 401, 429, dropped stream: a sentence, and the partial answer kept
         message = acc.to_message()
         message["error"] = friendly_error(exc, settings["api_base"])
@@ -148,30 +168,39 @@ def main() -> None:
     st.session_state.setdefault("history", [])
     settings = sidebar()
     st.title("MiniMind chat")
-    if settings["models_error"]:
-        st.error(settings["models_error"])
+    history: list[dict[str, Any]] = st.session_state.history
+    typed = st.chat_input("Message")  # drawn at the bottom wherever it is called; read first to know if busy
+    prompt = st.session_state.pop("pending_prompt", None) or typed
+
+    # The API's problem is said once: here, unless the last answer already says the same.
+    banner = settings["models_error"]
+    if banner and not (history and history[-1].get("error") == banner):
+        st.error(banner)
     elif settings["model"]:
         st.caption(f"Model: {settings['model']} · {settings['api_base']}")
 
-    history: list[dict[str, Any]] = st.session_state.history
     for i, message in enumerate(history):
         with st.chat_message(message["role"]):
             if message["role"] == "user":
                 st.markdown(message["content"])
             else:
-                draw_answer(message, last=i == len(history) - 1)
+                draw_answer(message, last=i == len(history) - 1 and not prompt)
 
-    typed = st.chat_input("Message")
-    prompt = st.session_state.pop("pending_prompt", None) or typed
     if not prompt:
         return
     earlier = list(history)
     history.append({"role": "user", "content": prompt})
     with st.chat_message("user"):
         st.markdown(prompt)
-    with st.chat_message("assistant"):
-        answer = stream_answer(settings, prompt, earlier)
-    history.append(answer)
+    acc = StreamAccumulator()
+    answer = None
+    try:
+        with st.chat_message("assistant"):
+            answer = stream_answer(settings, prompt, earlier, acc)
+    finally:
+        # A Stop ends the run inside stream_answer (Streamlit raises there): the question is still answered,
+        # with the part that arrived, marked as stopped, so the next message is not taken for its answer.
+        history.append(answer if answer is not None else acc.to_message(stopped=True))
     st.rerun()  # redraw from history, so the new answer gets its footer (copy, regenerate) like the others
 
 

@@ -17,6 +17,8 @@ import openai
 DEFAULT_API_BASE = "http://127.0.0.1:8998/v1"
 # The server accepts any key unless it was started with one; the SDK insists on a non-empty string.
 DEFAULT_API_KEY = "none"
+# The page always sends max_tokens: without it the server may generate up to the end of the context window.
+DEFAULT_MAX_TOKENS = 512
 
 
 def api_settings_from_env(env: dict[str, str] | None = None) -> tuple[str, str]:
@@ -42,14 +44,16 @@ def trim_history(history: list[dict[str, Any]], max_turns: int) -> list[dict[str
 
 
 def answered_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`history` without the exchanges whose answer failed before any text arrived.
+    """`history` without the exchanges whose answer failed or was stopped before any text arrived.
 
-    A failed exchange stays on the page (with its error) but is not sent again: the model would otherwise
-    see a question with no answer, or two user messages in a row.
+    Such an exchange stays on the page (with its error or "stopped") but is not sent again: the model would
+    otherwise see a question with no answer, or two user messages in a row. A stopped answer with text is
+    kept, as far as it went.
     """
     kept: list[dict[str, Any]] = []
     for message in history:
-        if message["role"] == "assistant" and message.get("error") and not message["content"]:
+        unanswered = message.get("error") or message.get("stopped")
+        if message["role"] == "assistant" and unanswered and not message["content"]:
             if kept and kept[-1]["role"] == "user":
                 kept.pop()
             continue
@@ -148,9 +152,9 @@ class StreamAccumulator:
     def time_to_first_token(self) -> float | None:
         return None if self.first_token_at is None else self.first_token_at - self.started_at
 
-    def stats_line(self) -> str:
+    def stats_line(self, stopped: bool = False) -> str:
         """One line for under the answer: tokens, speed, time to first token, why it stopped."""
-        parts = []
+        parts = ["stopped"] if stopped else []
         if self.prompt_tokens is not None and self.completion_tokens is not None:
             parts.append(f"{self.prompt_tokens} prompt + {self.completion_tokens} completion tokens")
         speed = self.tokens_per_second()
@@ -163,16 +167,19 @@ class StreamAccumulator:
             parts.append("cut at max tokens")
         return " · ".join(parts)
 
-    def to_message(self) -> dict[str, Any]:
-        """The assistant entry kept in the page's history."""
-        return {
+    def to_message(self, stopped: bool = False) -> dict[str, Any]:
+        """The assistant entry kept in the page's history; `stopped`: the person stopped it midway."""
+        message = {
             "role": "assistant",
             "content": self.content,
             "reasoning": self.reasoning or None,
-            "stats": self.stats_line(),
+            "stats": self.stats_line(stopped),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+        if stopped:
+            message["stopped"] = True
+        return message
 
 
 def friendly_error(exc: BaseException, api_base: str) -> str:
