@@ -283,3 +283,23 @@ def test_sigkill_mid_grpo_then_resume_equals_an_uninterrupted_run(tmp_path, say_
     base, data = say_task
     flags = dict(max_steps=12, save_every=5, keep_last=2, dropout=0.1, lr=5e-3, beta=0.04, grad_accum=2)
     run_killed_and_resumed(tmp_path, "grpo", data, init_from=str(base), **{**GRPO_FLAGS, **flags})
+
+
+def test_sampler_logprobs_mode_processed_gives_the_sampled_distributions_logprobs():
+    from engine.sampling import SamplingTensors, sample
+    from engine.sampling_params import SamplingParams
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = [
+        SamplingParams(temperature=0.5, seed=1, logprobs=0, logprobs_mode="processed"),
+        SamplingParams(temperature=0.5, seed=2, logprobs=0),  # raw: the model's own distribution
+        SamplingParams(temperature=0.0, logprobs=0, logprobs_mode="processed"),
+    ]
+    t = SamplingTensors.from_params(params, 50, sample_indices=[0, 0, 0])
+    out = sample(logits, t, torch.zeros(3, dtype=torch.long))
+    chosen = out.token_ids.unsqueeze(1)
+    assert torch.allclose(out.logprobs[0], (logits[0] / 0.5).log_softmax(-1).gather(0, chosen[0])[0])
+    assert torch.allclose(out.logprobs[1], logits[1].log_softmax(-1).gather(0, chosen[1])[0])
+    assert torch.allclose(out.logprobs[2], logits[2].log_softmax(-1).max())
+    with pytest.raises(Exception, match="logprobs_mode"):
+        SamplingParams(logprobs_mode="scaled")
