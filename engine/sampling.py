@@ -22,7 +22,9 @@ Semantics follow vLLM:
   logit -= frequency * count + presence * (count > 0).
 - min_tokens: EOS and stop_token_ids are masked until the request has generated that many tokens.
 - logprobs are those of the raw model distribution (log_softmax of the logits before penalties,
-  temperature and truncation), vLLM's default, so they do not change with the sampling settings.
+  temperature and truncation), vLLM's default, so they do not change with the sampling settings; rows with
+  logprobs_mode "processed" get those of the distribution they were sampled from instead (vLLM's
+  processed_logprobs), the sampling policy's log-probabilities that RL's importance ratios need.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class SamplingTensors:
     do_min_tokens: bool = True
     all_greedy: bool = False
     num_logprobs: int | None = None  # top-N logprobs to return (max over rows); None: no logprobs at all
+    processed_logprobs: torch.Tensor | None = None  # bool [B]: rows whose logprobs are the sampled distribution's
 
     @property
     def batch_size(self) -> int:
@@ -115,6 +118,9 @@ class SamplingTensors:
             do_min_tokens=all_features or any(p.min_tokens > 0 for p in params),
             all_greedy=not all_features and all(p.temperature == 0 for p in params),
             num_logprobs=num_logprobs,
+            processed_logprobs=col([p.logprobs_mode == "processed" for p in params], torch.bool)
+            if any(p.logprobs_mode == "processed" for p in params)
+            else None,
         )
 
 
@@ -298,6 +304,7 @@ def sample(
     (repetition penalty). output_counts: [B, V] int, histogram of the tokens generated so far (see
     `token_counts` / `record_tokens`). The penalty inputs may be None when `t.do_penalties` is False.
     """
+    processed = None
     if t.all_greedy and not t.do_penalties and not t.do_min_tokens:
         token_ids = logits.argmax(dim=-1)  # nothing can change the argmax: skip the [B, V] passes
     else:
@@ -309,6 +316,10 @@ def sample(
     out = SamplerOutput(token_ids=token_ids)
     if t.num_logprobs is not None:
         raw = logits.float().log_softmax(dim=-1)
+        if t.processed_logprobs is not None:
+            if processed is None:
+                processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)[1]
+            raw = torch.where(t.processed_logprobs.unsqueeze(1), processed.log_softmax(dim=-1), raw)
         out.logprobs = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         if t.num_logprobs > 0:
             out.top_logprobs, out.top_token_ids = raw.topk(t.num_logprobs, dim=-1)

@@ -25,6 +25,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen token's)
     prompt_logprobs: int | None = None  # same for prompt tokens (echo + logprobs in /v1/completions)
+    # raw: the model's own distribution (vLLM's default); processed: the distribution actually sampled from
+    # (after penalties, temperature and top-k/top-p/min-p), which is what on-policy RL needs (training/rollout.py)
+    logprobs_mode: str = "raw"
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -74,6 +77,11 @@ class SamplingParams:
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 "logprobs",
                 f"logprobs must be between 0 and 20, got {self.logprobs}",
+            ),
+            (
+                self.logprobs_mode in ("raw", "processed"),
+                "logprobs_mode",
+                f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}",
             ),
             (
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,

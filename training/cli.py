@@ -1,4 +1,4 @@
-"""`minimind train {pretrain,sft,lora,dpo,distill,reason} --config configs/NAME.yaml [--key value ...]`.
+"""`minimind train {pretrain,sft,lora,dpo,distill,reason,grpo} --config configs/NAME.yaml [--key value ...]`.
 
 Every TrainConfig field is a flag (spelled --key-name or --key_name); flags override the YAML file. Under
 `torchrun --nproc_per_node N` the same command trains on N GPUs (DDP, or FSDP with --distributed fsdp).
@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=STAGES,
         default=None,
         help="pretrain: packed next-token loss; sft: assistant-only loss; lora: sft on adapters; dpo: preference "
-        "pairs; distill: sft with a teacher; reason: sft with weighted think tags "
+        "pairs; distill: sft with a teacher; reason: sft with weighted think tags; grpo: RL from rewards on sampled "
+        "completions "
         "(default: the config file's stage:)",
     )
     parser.add_argument(

@@ -18,7 +18,7 @@ import yaml
 from engine.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
 
 
 def minimind_home() -> Path:
@@ -39,7 +39,8 @@ class TrainConfig:
     stage: str = _f(
         "pretrain",
         "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters), dpo "
-        "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags)",
+        "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags), grpo (RL from rewards on sampled "
+        "completions)",
     )
     preset: str = _f("minimind2-small", "model shape from engine/presets.py, used when init_from is empty")
     model_config: dict = _f({}, "overrides of the preset's config fields, e.g. {hidden_size: 256} (YAML/JSON mapping)")
@@ -142,6 +143,32 @@ class TrainConfig:
         10.0, "reason: loss weight of the <think>, </think> (and <answer>, </answer>) tokens; others weigh 1"
     )
 
+    # reinforcement learning (grpo)
+    num_generations: int = _f(4, "grpo: completions sampled per prompt (the group whose rewards are normalised)")
+    rl_loss: str = _f(
+        "cispo", "grpo: cispo (capped, stop-gradient importance weights; upstream's default) or grpo (clipped ratio)"
+    )
+    epsilon: float = _f(0.2, "grpo: the ratio is clipped to [1 - epsilon, 1 + epsilon_high] (rl_loss grpo)")
+    epsilon_high: float = _f(
+        0.0, "grpo: upper clip 1 + epsilon_high (0 = epsilon) for rl_loss grpo; the weight cap (0 = 5.0) for cispo"
+    )
+    loss_norm: str = _f(
+        "sequence",
+        "grpo: sequence (each completion's mean token loss, averaged) or token (every token weighs the same)",
+    )
+    rewards: dict = _f(
+        {"exact_match": 1.0},
+        "grpo: weighted rewards, e.g. {exact_match: 1.0, format: 0.2}; names: exact_match, numeric_match, format, "
+        "length, repetition, or a Python function module:function",
+    )
+    max_completion_len: int = _f(
+        64, "grpo: tokens sampled per completion; prompts get max_seq_len - max_completion_len tokens"
+    )
+    rollout_temperature: float = _f(1.0, "grpo: sampling temperature of the rollouts (the loss uses the same)")
+    rollout_top_p: float = _f(1.0, "grpo: nucleus sampling of the rollouts (1 = off)")
+    rollout_stop: list = _f([], "grpo: stop strings that end a completion (comma-separated on the command line)")
+    rollout_kv_cache_mb: int = _f(1024, "grpo: memory of the rollout engine's KV cache, in MiB (bounds its batch)")
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -166,7 +193,7 @@ class TrainConfig:
             (self.keep_last >= 1, "keep_last", "must be at least 1"),
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.stage != "lora" or bool(self.init_from), "init_from", "must name the model LoRA adapts (lora stage)"),
-            (self.beta > 0, "beta", "must be positive"),
+            (self.beta > 0 or (self.stage == "grpo" and self.beta == 0), "beta", "must be positive (grpo: or 0)"),
             (self.dpo_loss in ("sigmoid", "ipo"), "dpo_loss", "must be sigmoid or ipo"),
             (0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
             (self.stage != "distill" or bool(self.teacher), "teacher", "must name the teacher model (distill stage)"),
@@ -174,6 +201,19 @@ class TrainConfig:
             (self.temperature > 0, "temperature", "must be positive"),
             (self.kl_direction in ("forward", "reverse"), "kl_direction", "must be forward or reverse"),
             (self.think_tag_weight >= 0, "think_tag_weight", "must not be negative"),
+            (self.num_generations >= 2, "num_generations", "must be at least 2 (advantages compare a group)"),
+            (self.rl_loss in ("grpo", "cispo"), "rl_loss", "must be grpo or cispo"),
+            (0 <= self.epsilon < 1, "epsilon", "must be in [0, 1)"),
+            (self.epsilon_high >= 0, "epsilon_high", "must not be negative"),
+            (self.loss_norm in ("sequence", "token"), "loss_norm", "must be sequence or token"),
+            (
+                self.stage != "grpo" or 1 <= self.max_completion_len < self.max_seq_len,
+                "max_completion_len",
+                "must be at least 1 and below max_seq_len (the prompt needs room)",
+            ),
+            (self.rollout_temperature > 0, "rollout_temperature", "must be positive"),
+            (0 < self.rollout_top_p <= 1, "rollout_top_p", "must be in (0, 1]"),
+            (self.rollout_kv_cache_mb >= 1, "rollout_kv_cache_mb", "must be at least 1"),
         ]
         for ok, name, why in checks:
             if not ok:

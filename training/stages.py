@@ -162,9 +162,11 @@ def stage_classes() -> dict[str, type[Stage]]:
     """Every stage by name (the alignment stages live in their own modules, which import this one)."""
     from training.distill import DistillStage
     from training.dpo import DPOStage
+    from training.grpo import GRPOStage
     from training.reason import ReasonStage
 
-    return {stage.name: stage for stage in (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage)}
+    stages = (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage, GRPOStage)
+    return {stage.name: stage for stage in stages}
 
 
 def get_stage(name: str) -> Stage:

@@ -1,0 +1,177 @@
+"""The `grpo` stage: group-relative policy optimisation (GRPO, or CISPO's loss) from rewards on sampled completions.
+
+Each micro-batch is batch_size prompts; `collate` samples num_generations (G) completions of each on the native
+engine over the policy's own weights (training/rollout.py), scores them (training/rewards.py) and normalises
+the rewards within each prompt's group into advantages. The trainer collates every micro-batch of a step before
+its first backward, so all of a step's rollouts come from the same weights: the step is on-policy, and the
+engine's log-probabilities of the sampling distribution are the importance ratio's denominator.
+
+The loss (training/rl_losses.py) is summed per sequence (`loss_norm: sequence`, upstream MiniMind's and TRL's
+"grpo": each completion's mean token loss) or per token (`token`, DAPO's), and the trainer divides by the step's
+sequences or completion tokens. KL to the reference (beta x k3) uses a frozen copy of the start weights, taken
+before a resumed run loads its checkpoint, as in training/dpo.py. The sampling seeds come from the torch RNG
+that checkpoints save, so a resumed run draws the same completions as one never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.data import IGNORE
+from training.data_prompts import PromptDataset
+from training.dpo import frozen, load_reference
+from training.errors import TrainingError
+from training.losses import token_logps
+from training.rewards import RewardSet, Sample
+from training.rl_losses import group_advantages, k3_kl, masked_sum, policy_loss
+from training.rollout import RolloutEngine
+from training.stages import SFTStage, StageContext, StageLoss, require_chat_template
+
+CISPO_DEFAULT_CAP = 5.0
+
+
+class GRPOStage(SFTStage):
+    name = "grpo"
+    unit = "sequences"
+    save_name = "grpo"
+
+    def build_dataset(self, cfg: TrainConfig, tokenizer: Any) -> Any:
+        require_chat_template(tokenizer, self.name)
+        if cfg.use_lora:
+            raise TrainingError("use_lora is not supported by the grpo stage yet; train all weights (use_lora: false)")
+        if cfg.distributed == "fsdp":
+            raise TrainingError("the grpo stage samples on unsharded weights; use distributed: ddp")
+        self.rewards = RewardSet(cfg.rewards)  # unknown names fail here, before any model is built
+        return PromptDataset(cfg.data_files, tokenizer, cfg.max_seq_len - cfg.max_completion_len, cfg.skip_bad_lines)
+
+    def setup(self, context: StageContext) -> None:
+        cfg = self.cfg = context.cfg
+        self.unit = "tokens" if cfg.loss_norm == "token" else "sequences"
+        if cfg.compile:
+            raise TrainingError("compile is not supported by the grpo stage yet (compile: false)")
+        self.reference = None
+        if cfg.beta > 0:
+            self.reference = load_reference(cfg, context) if cfg.ref_model else frozen(copy.deepcopy(context.model))
+        self.engine = RolloutEngine(
+            context.model, context.tokenizer, cfg.max_seq_len, cfg.rollout_kv_cache_mb << 20, max_num_seqs=256
+        )
+        self.epsilon_high = cfg.epsilon_high or (CISPO_DEFAULT_CAP if cfg.rl_loss == "cispo" else cfg.epsilon)
+
+    def sampling_params(self, seed: int) -> Any:
+        from engine.sampling_params import SamplingParams
+
+        cfg = self.cfg
+        return SamplingParams(
+            n=cfg.num_generations,
+            temperature=cfg.rollout_temperature,
+            top_p=cfg.rollout_top_p,
+            max_tokens=cfg.max_completion_len,
+            stop=list(cfg.rollout_stop),
+            seed=seed,
+            logprobs=0,
+            logprobs_mode="processed",
+        )
+
+    def collate(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Roll out G completions per prompt and return the training batch (rows prompt-major: i * G + g)."""
+        seed = int(torch.randint(0, 2**62, ()))  # from the checkpointed RNG: a resumed run samples the same
+        completions = self.engine.generate([item["prompt_ids"] for item in items], self.sampling_params(seed))
+        samples = [
+            Sample(
+                items[c.prompt_index]["messages"],
+                items[c.prompt_index]["answer"],
+                c.text,
+                c.token_ids,
+                c.finish_reason,
+                self.cfg.max_completion_len,
+            )
+            for c in completions
+        ]
+        totals, parts = self.rewards.score(samples)
+        rewards = torch.tensor(totals, dtype=torch.float32)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = [items[c.prompt_index]["prompt_ids"] + c.token_ids for c in completions]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        old_logps = torch.zeros(len(rows), width, dtype=torch.float32)
+        for i, (row, c) in enumerate(zip(rows, completions)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            start = len(row) - len(c.token_ids) - 1  # position whose logits predict the first completion token
+            targets[i, start : start + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+            old_logps[i, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
+        batch = {
+            "input_ids": input_ids,
+            "targets": targets,
+            "old_logps": old_logps,
+            "rewards": rewards,
+            "advantages": group_advantages(rewards, self.cfg.num_generations),
+        }
+        for name, values in parts.items():
+            batch[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.cfg.loss_norm == "token":
+            return int((batch["targets"] != IGNORE).sum())
+        return int(batch["rewards"].numel())
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StageLoss:
+        cfg = self.cfg
+        out = model(input_ids=batch["input_ids"], use_cache=False)
+        logps = completion_logps(out.logits, batch["targets"], cfg.rollout_temperature)
+        mask = batch["targets"] != IGNORE
+        ref_logps = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(input_ids=batch["input_ids"], use_cache=False).logits
+                ref_logps = completion_logps(ref_logits, batch["targets"], cfg.rollout_temperature)
+        per_token, clipped = policy_loss(
+            cfg.rl_loss,
+            logps,
+            batch["old_logps"],
+            batch["advantages"],
+            cfg.epsilon,
+            self.epsilon_high,
+            ref_logps,
+            cfg.beta,
+        )
+        loss_sum = masked_sum(per_token, mask, cfg.loss_norm)
+        return StageLoss(loss_sum, out.aux_loss, self.metrics(batch, logps.detach(), ref_logps, clipped, mask))
+
+    def metrics(
+        self,
+        batch: dict[str, torch.Tensor],
+        logps: torch.Tensor,
+        ref_logps: torch.Tensor | None,
+        clipped: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Means over this micro-batch, times its count: the loop's sum / count then gives their mean (weighted
+        by each micro-batch's count when a step has several)."""
+        weight = float(self.count(batch))
+        tokens = mask.sum().clamp(min=1)
+        rewards = batch["rewards"]
+        groups = rewards.view(-1, self.cfg.num_generations)
+        values = {
+            "reward": rewards.mean(),
+            "reward_std": groups.std(dim=1, unbiased=False).mean(),
+            "clip_fraction": (clipped & mask).sum() / tokens,
+            "completion_len": mask.sum(-1).float().mean(),
+        }
+        if ref_logps is not None:
+            values["kl"] = (k3_kl(logps, ref_logps) * mask).sum() / tokens
+        for key in batch:
+            if key.startswith("reward/"):
+                values[key] = batch[key].mean()
+        return {key: value.detach().float() * weight for key, value in values.items()}
+
+
+def completion_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(target) per position under the sampling temperature (0 where the target is -100)."""
+    return token_logps(logits if temperature == 1 else logits.float() / temperature, targets)
