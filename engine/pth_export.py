@@ -1,7 +1,7 @@
 """Writing a model as upstream MiniMind's checkpoint: a `torch.save`d state_dict in upstream's key layout
 (`model.layers.N.self_attn.q_proj.weight`, `lm_head.weight` stored even when tied), half precision by default
 as upstream's training scripts save it. Upstream's scripts (eval_llm.py, train_*.py --from_weight) load it with
-the matching `--hidden_size`, `--num_hidden_layers` and `--use_moe` flags, which `upstream_flags` spells out.
+the matching `--hidden_size`, `--num_hidden_layers` and `--use_moe` flags.
 """
 
 from __future__ import annotations
@@ -22,14 +22,6 @@ def upstream_problems(config: MiniMindConfig) -> list[str]:
     if config.attention_bias:
         problems.append("q/k/v biases (upstream's attention has none)")
     return problems
-
-
-def upstream_flags(config: MiniMindConfig) -> str:
-    """The upstream command-line flags that build this shape."""
-    return (
-        f"--hidden_size {config.hidden_size} --num_hidden_layers {config.num_hidden_layers} "
-        f"--use_moe {int(bool(config.use_moe))}"
-    )
 
 
 def write_pth(
