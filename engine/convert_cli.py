@@ -1,4 +1,5 @@
-"""`minimind convert SRC OUT --to TARGET`: any checkpoint kind into a Hugging Face directory."""
+"""`minimind convert SRC OUT --to TARGET`: any checkpoint kind into a Hugging Face directory, a GGUF file or
+an upstream MiniMind .pth file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ model_type minimind, llama, qwen2, qwen3, qwen2_moe or qwen3_moe, or a .gguf fil
 examples:
   minimind convert out/full_sft_512.pth ./minimind2-small-llama --preset minimind2-small --tokenizer ./tok --to llama
   minimind convert ./my-checkpoint ./my-checkpoint-qwen3 --to auto --dtype bf16
+  minimind convert ./my-checkpoint ./my-model.gguf --to gguf --quant q8_0   # llama.cpp, Ollama
+  minimind convert ./my-checkpoint ./full_sft_512.pth --to pth              # upstream MiniMind's scripts
 """
 
 
@@ -24,13 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "src", metavar="SRC", help="checkpoint to read: a .pth file, a Hugging Face directory or a .gguf file"
     )
-    parser.add_argument("out", metavar="OUT", help="directory to write (must not exist unless --force)")
+    parser.add_argument(
+        "out", metavar="OUT", help="directory to write, or file for --to gguf/pth (must not exist unless --force)"
+    )
     parser.add_argument(
         "--to",
         default="auto",
-        choices=[*TARGETS, "auto"],
+        choices=[*TARGETS, "auto", "gguf", "pth"],
         help="output model type; plain-transformers types load without this project; 'minimind' needs it "
-        "installed; 'auto' (default) picks the most compatible plain-transformers type that represents the model",
+        "installed; 'auto' (default) picks the most compatible plain-transformers type that represents the model; "
+        "'gguf' writes a llama.cpp file (dense llama/qwen2/qwen3 layouts); 'pth' writes upstream MiniMind's "
+        "state_dict (fp16 unless --dtype)",
+    )
+    parser.add_argument(
+        "--quant",
+        default="f16",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        help="--to gguf: weight type of the matrices (default f16; norms stay f32). K-quants (q4_k_m): write f16 "
+        "and run llama.cpp's llama-quantize",
     )
     parser.add_argument(
         "--preset",
@@ -71,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         merge_lora=args.merge_lora,
         force=args.force,
+        quant=args.quant,
     )
-    print(f"wrote {out} (model_type {target})")
+    if args.to == "gguf":
+        print(f"wrote {out} (GGUF {args.quant}, architecture {target})")
+    elif args.to == "pth":
+        print(f"wrote {out} (upstream MiniMind state_dict)")
+    else:
+        print(f"wrote {out} (model_type {target})")
     return 0

@@ -190,12 +190,27 @@ def _read_gguf(path: Path) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **_gguf_head_dim(path)
+        )
     except Exception as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err})") from err
     model_config = minimind_config_from_hf(hf_model.config, str(path))
     state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     return model_config, state_dict_from_hf(state, model_config, str(path))
+
+
+def _gguf_head_dim(path: Path) -> dict[str, int]:
+    """transformers reads a qwen3 GGUF without its attention.key_length (it then assumes head_dim 128)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.attention.key_length")
+    except Exception:  # an unreadable file is reported by the full read that follows
+        return {}
+    return {"head_dim": int(field.contents())} if field is not None and arch == "qwen3" else {}
 
 
 def _read_pth(

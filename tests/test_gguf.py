@@ -1,135 +1,64 @@
-"""GGUF import: a tiny llama GGUF written here with the `gguf` package (as llama.cpp lays it out) loads through
+"""GGUF import: a tiny llama GGUF written by engine/gguf_export.py (as llama.cpp lays it out) loads through
 load_model with the source model's logits; the shipped SmolLM2 GGUF is covered by a slow test."""
 
 from __future__ import annotations
 
-import json
-
 import gguf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.convert import convert
 from engine.errors import CheckpointError
+from engine.gguf_export import write_gguf
 from engine.loader import load_model
 from tests.conftest import tiny_model
 from tests.test_loader import IDS, logits, randomize
 
 
-def llama_cpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp stores q/k rows interleaved per head (convert_hf_to_gguf.py's permute); transformers undoes it."""
-    return (
-        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-def write_llama_gguf(path, model, tokenizer_json, quant: gguf.GGMLQuantizationType | None = None) -> None:
-    """Write `model` (our MiniMind2 layout == Llama) as a llama-architecture GGUF with a BPE vocabulary."""
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-    vocab = tokenizer_json["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i < 3 else 1 for i in range(len(tokens))])
-    merges = tokenizer_json["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-
-    names = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.float()
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        elif key == "lm_head.weight":
-            if cfg.tie_word_embeddings:
-                continue
-            name = "output.weight"
-        else:
-            layer, rest = key.removeprefix("model.layers.").split(".", 1)
-            name = f"blk.{layer}.{names[rest.removesuffix('.weight')]}.weight"
-            if rest.startswith("self_attn.q_proj"):
-                tensor = llama_cpp_permute(tensor, cfg.num_attention_heads)
-            if rest.startswith("self_attn.k_proj"):
-                tensor = llama_cpp_permute(tensor, cfg.num_key_value_heads)
-        array = tensor.numpy()
-        if quant is not None and tensor.dim() == 2 and name != "token_embd.weight":
-            writer.add_tensor(name, gguf.quants.quantize(array, quant), raw_dtype=quant)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def write_llama_gguf(path, model, tokenizer, quant: str = "f32") -> None:
+    """`model` (MiniMind2 layout == Llama) through the product's GGUF writer."""
+    write_gguf(path, model.config, model.state_dict(), tokenizer, quant=quant)
 
 
 def quantized_copy(model, quant):
-    """The model with each quantised weight replaced (in place) by its dequantised value: what a reader must see."""
+    """The model with each matrix replaced (in place) by its dequantised value: what a reader must see."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2 and name != "model.embed_tokens.weight" and name != "lm_head.weight":
+        for _, param in model.named_parameters():
+            if param.dim() == 2:
                 q = gguf.quants.quantize(param.numpy(), quant)
                 param.copy_(torch.from_numpy(gguf.quants.dequantize(q, quant).reshape(param.shape)))
     return model
 
 
 @pytest.fixture
-def tokenizer_json(upstream_fixtures):
-    return json.loads((upstream_fixtures / "minimind2-dense" / "tokenizer.json").read_text())
+def tokenizer(upstream_fixtures):
+    return AutoTokenizer.from_pretrained(str(upstream_fixtures / "minimind2-dense"))
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_f32_gguf_imports_with_same_logits(tmp_path, tokenizer_json, tied):
+def test_f32_gguf_imports_with_same_logits(tmp_path, tokenizer, tied):
     ours = randomize(tiny_model(tie_word_embeddings=tied, intermediate_size=96))
-    write_llama_gguf(tmp_path / "tiny.gguf", ours, tokenizer_json)
-    model, tokenizer = load_model(tmp_path / "tiny.gguf")
+    write_llama_gguf(tmp_path / "tiny.gguf", ours, tokenizer)
+    model, read_tokenizer = load_model(tmp_path / "tiny.gguf")
     assert model.config.tie_word_embeddings == tied
     assert (logits(model, IDS) - logits(ours, IDS)).abs().max().item() <= 1e-4
     text = "Hello, 世界"
-    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    assert read_tokenizer.decode(read_tokenizer.encode(text, add_special_tokens=False)) == text
 
 
-def test_q8_gguf_is_dequantised(tmp_path, tokenizer_json):
-    quant = gguf.GGMLQuantizationType.Q8_0
+def test_q8_gguf_is_dequantised(tmp_path, tokenizer):
     ours = randomize(tiny_model(intermediate_size=96))
-    write_llama_gguf(tmp_path / "tiny-q8.gguf", ours, tokenizer_json, quant=quant)
-    expected = quantized_copy(ours, quant)
+    write_llama_gguf(tmp_path / "tiny-q8.gguf", ours, tokenizer, quant="q8_0")
+    expected = quantized_copy(ours, gguf.GGMLQuantizationType.Q8_0)
     model, _ = load_model(tmp_path / "tiny-q8.gguf")
     assert model.dtype == torch.float32
     assert (logits(model, IDS) - logits(expected, IDS)).abs().max().item() <= 1e-4
 
 
-def test_gguf_converts_to_plain_llama(tmp_path, tokenizer_json):
+def test_gguf_converts_to_plain_llama(tmp_path, tokenizer):
     ours = randomize(tiny_model(intermediate_size=96))
-    write_llama_gguf(tmp_path / "tiny.gguf", ours, tokenizer_json)
+    write_llama_gguf(tmp_path / "tiny.gguf", ours, tokenizer)
     out, used = convert(tmp_path / "tiny.gguf", tmp_path / "out", "auto")
     assert used == "llama"
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -138,17 +67,17 @@ def test_gguf_converts_to_plain_llama(tmp_path, tokenizer_json):
     assert (out / "tokenizer.json").exists()
 
 
-def test_truncated_gguf_is_a_clear_error(tmp_path, tokenizer_json):
-    write_llama_gguf(tmp_path / "tiny.gguf", randomize(tiny_model(intermediate_size=96)), tokenizer_json)
+def test_truncated_gguf_is_a_clear_error(tmp_path, tokenizer):
+    write_llama_gguf(tmp_path / "tiny.gguf", randomize(tiny_model(intermediate_size=96)), tokenizer)
     data = (tmp_path / "tiny.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="cut.gguf: cannot read this GGUF file"):
         load_model(tmp_path / "cut.gguf")
 
 
-def test_gguf_magic_detected_without_suffix(tmp_path, tokenizer_json):
+def test_gguf_magic_detected_without_suffix(tmp_path, tokenizer):
     ours = randomize(tiny_model(intermediate_size=96))
-    write_llama_gguf(tmp_path / "model.bin", ours, tokenizer_json)
+    write_llama_gguf(tmp_path / "model.bin", ours, tokenizer)
     model, _ = load_model(tmp_path / "model.bin")
     assert (logits(model, IDS) - logits(ours, IDS)).abs().max().item() <= 1e-4
 
