@@ -1,8 +1,8 @@
 """`create_app(backend, settings)`: the FastAPI application around any Backend.
 
 The lifespan starts the backend and, on shutdown, drains it (running requests may finish within
---drain-timeout). `app.state.draining` is set on SIGTERM (see server/cli.py) so new requests get 503 while
-the running ones finish.
+--drain-timeout). `app.state.draining` is set on SIGTERM (see server/drain.py) so new requests get 503 while
+the running ones finish. Request bodies over --max-request-bytes get 413 (FastAPI's own body limit).
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine.backend import Backend
 from server import routes_chat, routes_completions, routes_embeddings, routes_health, routes_models, routes_tokenize
 from server.auth import check_api_key
+from server.drain import CountRequests, RequestCounter
 from server.errors import APIError, install_error_handlers
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
 from server.settings import Settings
+from server.workers import create_pool
 
 _SLASHES = re.compile(r"/{2,}")
 
@@ -59,27 +62,32 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.draining = True
             await backend.shutdown(drain_timeout=settings.drain_timeout)
+            app.state.workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="my-minimind OpenAI-compatible API",
         version="0.1.0",
         description="OpenAI-compatible endpoints (chat, completions, embeddings, models) plus tokenize, health, metrics.",
         lifespan=lifespan,
+        max_body_size=settings.max_request_bytes,
     )
     app.state.backend = backend
     app.state.settings = settings
     app.state.metrics = ServerMetrics(backend, backend.info.name)
     app.state.draining = False
     app.state.ready = False
+    app.state.requests = RequestCounter()
+    app.state.workers = create_pool()
 
     install_error_handlers(app)
     v1 = [Depends(check_api_key), Depends(admit)]
-    app.include_router(routes_models.router, dependencies=[Depends(check_api_key)])
+    app.include_router(routes_models.router, dependencies=v1)
     app.include_router(routes_chat.router, dependencies=v1)
     app.include_router(routes_completions.router, dependencies=v1)
     app.include_router(routes_embeddings.router, dependencies=v1)
-    app.include_router(routes_tokenize.router)
+    app.include_router(routes_tokenize.router, dependencies=[Depends(admit)])
     app.include_router(routes_health.router)
+    install_openapi(app)
 
     if settings.cors_origins:
         app.add_middleware(
@@ -90,4 +98,5 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
         )
     app.add_middleware(NormalizePath)
+    app.add_middleware(CountRequests, counter=app.state.requests)
     return app

@@ -12,8 +12,21 @@ from server.errors import APIError
 from server.params import check_model, check_token_ids
 from server.prompts import encode, normalize_prompts
 from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+from server.workers import offload
 
 router = APIRouter(tags=["embeddings"])
+
+
+def _token_ids(tokenizer: Any, vocab_size: int, inputs: list[str | list[int]]) -> list[list[int]]:
+    """Every input as token ids (in the worker pool: long texts take a while to tokenize)."""
+    batch = []
+    for text in inputs:
+        if isinstance(text, str):
+            batch.append(encode(tokenizer, text, add_special_tokens=True))
+        else:
+            check_token_ids(text, vocab_size, "input")
+            batch.append(text)
+    return batch
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
@@ -21,12 +34,12 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
     backend = request.app.state.backend
     info = backend.info
     check_model(body.model, backend)
-    batch = []
-    for text in normalize_prompts(body.input, "input"):
-        ids = encode(backend.tokenizer, text, add_special_tokens=True) if isinstance(text, str) else text
+    batch = await offload(
+        request, _token_ids, backend.tokenizer, info.vocab_size, normalize_prompts(body.input, "input")
+    )
+    for ids in batch:
         if not ids:
             raise APIError(400, "input: an empty string has no tokens to embed", param="input")
-        check_token_ids(ids, info.vocab_size, "input")
         if len(ids) > info.max_model_len:
             raise APIError(
                 400,
@@ -34,7 +47,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
                 f"{info.max_model_len} tokens; split it into shorter pieces",
                 param="input",
             )
-        batch.append(ids)
     vectors = await backend.embed(batch)
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(

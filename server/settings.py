@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,36 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_level: str = "info"
+    max_request_bytes: int = 4 << 20
+    kv_cache_memory: int | None = None
+    trust_request_chat_template: bool = False
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40})
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """'2GiB', '512MiB', '4MB', '1.5G' or plain bytes as a number of bytes (KiB/MiB/GiB and bare K/M/G are
+    powers of 1024, KB/MB/GB powers of 1000)."""
+    match = _SIZE.fullmatch(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size: write bytes or a number with a unit, e.g. 2GiB, 512MiB, 4MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(num_bytes: int) -> str:
+    """4194304 -> '4MiB', 2147483648 -> '2GiB' (the largest binary unit that divides it, else bytes)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if num_bytes and num_bytes % _UNITS[unit.lower()] == 0:
+            return f"{num_bytes // _UNITS[unit.lower()]}{unit}"
+    return str(num_bytes)
+
+
+byte_size.__name__ = "size"  # argparse and the variable check name the type by it
 
 
 def env_name(option: str) -> str:
@@ -82,6 +113,20 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
     "drain_timeout": (float, "on SIGTERM: seconds to let running requests finish before they are aborted"),
     "log_level": (str, "log level: debug, info, warning or error"),
+    "max_request_bytes": (
+        byte_size,
+        "largest request body accepted (bytes, or e.g. 4MiB); a larger one gets HTTP 413 before it is read",
+    ),
+    "kv_cache_memory": (
+        byte_size,
+        "native backend: memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many requests run at once "
+        "(logged at start-up). Default: half the free GPU memory, or 2GiB on the CPU",
+    ),
+    "trust_request_chat_template": (
+        bool,
+        "accept a Jinja chat template sent in a request (chat_template, or chat_template_kwargs.chat_template); "
+        "without it such requests get HTTP 400. Only for clients you trust: a template is a program",
+    ),
 }
 
 CHOICES = {"backend": ("native", "vllm"), "log_level": ("debug", "info", "warning", "error")}
@@ -100,8 +145,9 @@ def _parse_env(name: str, kind: type, raw: str) -> Any:
     try:
         value = kind(raw)
     except ValueError:
+        example = "a size such as 2GiB" if kind is byte_size else "a number"
         raise SettingsError(
-            f"environment variable {var}={raw!r} is not a valid {kind.__name__}; set it to a number or unset it"
+            f"environment variable {var}={raw!r} is not a valid {kind.__name__}; set it to {example} or unset it"
         ) from None
     if name in CHOICES and value not in CHOICES[name]:
         raise SettingsError(f"environment variable {var}={raw!r}: choose one of {', '.join(CHOICES[name])}")
@@ -115,6 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = ", ".join(default) if isinstance(default, list) else default
+        if kind is byte_size and default is not None:
+            shown = format_size(default)
         full_help = f"{help_text} [env {env_name(name)}; default: {shown if shown not in (None, '') else 'none'}]"
         if kind is list:
             parser.add_argument(flag, action="append", default=None, metavar="VALUE", help=full_help)
@@ -149,6 +197,14 @@ def validate(settings: Settings) -> None:
             f"--max-model-len must be at least 2, got {settings.max_model_len}",
         ),
         (settings.drain_timeout >= 0, f"--drain-timeout must be >= 0 seconds, got {settings.drain_timeout}"),
+        (
+            settings.max_request_bytes >= 1024,
+            f"--max-request-bytes must be at least 1024 (1KiB), got {settings.max_request_bytes}",
+        ),
+        (
+            settings.kv_cache_memory is None or settings.kv_cache_memory > 0,
+            f"--kv-cache-memory must be more than 0 bytes, got {settings.kv_cache_memory}",
+        ),
         (
             settings.num_speculative_tokens >= 1,
             f"--num-speculative-tokens must be at least 1, got {settings.num_speculative_tokens}",
