@@ -7,6 +7,7 @@ docker compose sets the same names. Precedence: command-line flag > environment 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -63,10 +64,12 @@ def byte_size(text: str) -> int:
 
 
 def format_size(num_bytes: int) -> str:
-    """4194304 -> '4MiB', 2147483648 -> '2GiB' (the largest binary unit that divides it, else bytes)."""
+    """4194304 -> '4MiB', 24159191040 -> '22.5GiB': the largest binary unit, one decimal rounded up."""
     for unit in ("TiB", "GiB", "MiB", "KiB"):
-        if num_bytes and num_bytes % _UNITS[unit.lower()] == 0:
-            return f"{num_bytes // _UNITS[unit.lower()]}{unit}"
+        size = _UNITS[unit.lower()]
+        if num_bytes >= size:
+            tenths = math.ceil(num_bytes * 10 / size)
+            return f"{tenths // 10}{unit}" if tenths % 10 == 0 else f"{tenths / 10:.1f}{unit}"
     return str(num_bytes)
 
 
@@ -95,7 +98,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "served_model_name": (str, "model id that clients send and /v1/models lists (default: the model directory's name)"),
     "max_model_len": (int, "context window in tokens (prompt + output); default: the model's own"),
     "max_num_seqs": (int, "most requests decoded together in one batch (continuous batching)"),
-    "max_queue": (int, "most requests waiting for a batch slot; beyond it requests get HTTP 429"),
+    "max_queue": (
+        int,
+        "most requests (native: sequences, n per request) waiting for a batch slot; beyond it requests get HTTP "
+        "429, and one that alone needs more than this gets 400",
+    ),
     "draft_model": (str, "a small model of the same tokenizer for speculative decoding (native backend)"),
     "num_speculative_tokens": (int, "tokens the draft model proposes per step with --draft-model"),
     "lora": (str, "a PEFT LoRA adapter directory merged into the model at load time"),
