@@ -118,7 +118,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         list,
         "allow browser pages from this origin (e.g. http://localhost:3000, or * for any); repeatable",
     ),
-    "drain_timeout": (float, "on SIGTERM: seconds to let running requests finish before they are aborted"),
+    "drain_timeout": (
+        float,
+        "on SIGTERM: seconds to let running requests finish (new ones get 503) before the rest are ended "
+        "(streams get an error event, waiting requests 503)",
+    ),
     "log_level": (str, "log level: debug, info, warning or error"),
     "max_request_bytes": (
         byte_size,
@@ -127,7 +131,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "kv_cache_memory": (
         byte_size,
         "native backend: memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many requests run at once "
-        "(logged at start-up). Default: half the free GPU memory, or 2GiB on the CPU",
+        "(logged at start-up); unset: half the free GPU memory, or 2GiB on the CPU",
     ),
     "trust_request_chat_template": (
         bool,
@@ -176,7 +180,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=full_help)
         else:
-            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=full_help)
+            metavar = "SIZE" if kind is byte_size else None
+            parser.add_argument(
+                flag, type=kind, default=None, choices=CHOICES.get(name), metavar=metavar, help=full_help
+            )
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:

@@ -253,3 +253,25 @@ def test_start_up_warns_when_the_kv_cache_holds_fewer_sequences_than_max_num_seq
     warning = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warning) == 1 and "holds only 4 sequences" in warning[0].getMessage()
     assert "--kv-cache-memory (to at least 2MiB)" in warning[0].getMessage()
+
+
+def test_fast_encode_gives_the_tokenizers_own_ids():
+    """prompts.encode takes the Rust tokenizer's encode_batch_fast (it releases the GIL): same ids as a call."""
+    from transformers import AutoTokenizer
+
+    from server.prompts import encode
+    from tests.conftest import UPSTREAM_FIXTURES
+
+    tokenizer = AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense")
+    texts = [
+        "hello world",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "日本語 テキスト 🙂",
+        "  two  spaces\t\n\n",
+        "",
+        "a" * 3000,
+    ]
+    for text in texts:
+        for special in (True, False):
+            want = tokenizer(text, add_special_tokens=special)["input_ids"]
+            assert encode(tokenizer, text, add_special_tokens=special) == want, (text, special)
