@@ -37,7 +37,7 @@ class Scheduler:
                 f"max_model_len",
                 param="prompt" if num_prompt_tokens >= self.max_model_len else "max_tokens",
             )
-        if self.max_queue is not None and num_seqs > self.max_queue:
+        if self.max_queue and num_seqs > self.max_queue:  # 0: no waiting room, every request is "full"
             raise InvalidRequestError(
                 f"the request has {num_seqs} sequences (n) but at most {self.max_queue} can wait (max_queue): "
                 f"lower n or raise max_queue",

@@ -32,9 +32,10 @@ def check_model(requested: str | None, backend: Backend) -> None:
 
 def check_fits_queue(num_seqs: int, info: ModelInfo, param: str) -> None:
     """400 for a request whose sequences (prompts x n) outnumber the waiting queue: it could never be queued,
-    so a 429 (retry later) would be wrong. Backends that bound the queue by sequences say so in info.extra."""
+    so a 429 (retry later) would be wrong. Backends that bound the queue by sequences say so in info.extra.
+    --max-queue 0 (no waiting room at all) keeps answering 429: the server is busy, not the request wrong."""
     limit = info.extra.get("max_queue_seqs")
-    if limit is not None and num_seqs > limit:
+    if limit and num_seqs > limit:
         raise APIError(
             400,
             f"this request needs {num_seqs} sequences (prompts x n) but the server queues at most {limit} "
