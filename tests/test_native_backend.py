@@ -76,7 +76,7 @@ def test_embeddings_run_in_chunks_between_decode_steps_and_equal_one_forward_pas
     getting tokens while it is computed, and the vectors equal those of one pass over each whole input."""
     import torch
 
-    prompts = [[(7 * i + j) % 6000 + 3 for j in range(300 + 40 * i)] for i in range(6)]  # 2 chunks each
+    prompts = [[(7 * i + j) % 6000 + 3 for j in range(300 + 40 * i)] for i in range(6)]  # 3-4 chunks each
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
     async def run() -> tuple[list[list[float]], int, NativeBackend]:

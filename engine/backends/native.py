@@ -10,7 +10,9 @@ again at once, so an event loop waiting on it would stop every stream from being
 aborts go to an inbox instead, which the engine thread empties between steps.
 
 Embeddings run on the engine thread too, one forward pass of at most EMBED_CHUNK_TOKENS tokens between two
-steps: a large batch then slows the running streams down instead of stopping them until it is done.
+steps: a large batch then slows the running streams down instead of stopping them until it is done. On a CPU
+the chunk is small (a 135M model takes a few milliseconds per token there, so 128 tokens keep a stream's
+gap to a fraction of a second); on a GPU a larger chunk costs the streams little.
 
 Both threads share the GIL. Every torch call and every GPU wait releases it, and with Python's default switch
 interval (5 ms) the engine thread then waits up to 5 ms to get it back while the event loop is busy writing
@@ -36,7 +38,7 @@ from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 GIL_SWITCH_INTERVAL_S = 0.0001  # see the module docstring
-EMBED_CHUNK_TOKENS = 256  # tokens of one embeddings forward pass between two engine steps
+EMBED_CHUNK_TOKENS = {"cpu": 128, "other": 1024}  # tokens of one embeddings forward pass between two steps
 
 
 class NativeBackend:
@@ -273,9 +275,10 @@ class NativeBackend:
         return await future
 
     def _embed_batch(self, prompts: list[list[int]]) -> Generator[None, None, list[list[float]]]:
+        chunk = EMBED_CHUNK_TOKENS["cpu" if self.core.device.type == "cpu" else "other"]
         vectors = []
         for prompt in prompts:
-            vectors.append((yield from self.core.runner.embed_chunks(prompt, EMBED_CHUNK_TOKENS)))
+            vectors.append((yield from self.core.runner.embed_chunks(prompt, chunk)))
         return vectors
 
     def stats(self) -> EngineStats:
