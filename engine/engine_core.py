@@ -46,9 +46,9 @@ def eos_token_ids(model: MiniMindForCausalLM, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def size_cache_slots(model: MiniMindForCausalLM, max_len: int, max_num_seqs: int, memory_bytes: int | None) -> int:
-    """How many sequences the cache holds: max_num_seqs, or fewer if their slots would not fit in the budget
-    (default: half the free GPU memory, or 2 GiB on the CPU)."""
+def kv_cache_budget(model: MiniMindForCausalLM, max_len: int, memory_bytes: int | None) -> tuple[int, int]:
+    """(memory budget, bytes one sequence's slot takes). The default budget: half the free GPU memory, or 2 GiB on
+    the CPU."""
     cfg = model.config
     param = next(model.parameters())
     per_slot = KVCache.bytes_per_slot(
@@ -56,7 +56,7 @@ def size_cache_slots(model: MiniMindForCausalLM, max_len: int, max_num_seqs: int
     )
     if memory_bytes is None:
         memory_bytes = torch.cuda.mem_get_info(param.device)[0] // 2 if param.device.type == "cuda" else 2 << 30
-    return max(1, min(max_num_seqs, memory_bytes // per_slot))
+    return memory_bytes, per_slot
 
 
 def needs_output_history(params: SamplingParams) -> bool:
@@ -113,7 +113,10 @@ class EngineCore:
         # Speculative verification writes up to k positions past the last token: leave room for them.
         spare = num_speculative_tokens + 1 if draft_model is not None else 0
         cache_len = max_model_len + spare
-        slots = size_cache_slots(model, cache_len, max_num_seqs, kv_cache_memory)
+        # How many sequences run at once: max_num_seqs, or fewer if their slots do not fit in the budget.
+        self.kv_cache_budget, self.kv_bytes_per_seq = kv_cache_budget(model, cache_len, kv_cache_memory)
+        self.max_num_seqs = max_num_seqs
+        slots = max(1, min(max_num_seqs, self.kv_cache_budget // self.kv_bytes_per_seq))
         cfg = model.config
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(

@@ -25,3 +25,7 @@ class QueueFullError(EngineError):
 
 class CheckpointError(EngineError):
     """A checkpoint that cannot be read, converted or written; the message names the file and the problem."""
+
+
+class EngineShutdownError(EngineError):
+    """The engine stopped (shutdown past the drain timeout) before the request finished (HTTP 503)."""

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import bisect
 import warnings
+from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 
 from engine.kv_cache import CacheView, KVCache
 from engine.model import MiniMindForCausalLM
@@ -208,12 +210,21 @@ class ModelRunner:
         self.pool = graph.pool()
         return graph, logits
 
-    @torch.inference_mode()
-    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
-        """Mean of the last hidden states over each prompt's tokens, L2-normalised (no cache involved)."""
-        vectors = []
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=self.device)
-            hidden = self.model.model(input_ids=ids, use_cache=False).last_hidden_state[0].float()
-            vectors.append(F.normalize(hidden.mean(0), dim=-1).tolist())
-        return vectors
+    def embed_chunks(self, prompt: list[int], chunk_tokens: int) -> Generator[None, None, list[float]]:
+        """Mean of the last hidden states over the prompt's tokens, L2-normalised, computed `chunk_tokens` at a time
+        (a DynamicCache keeps the keys between chunks, outside the engine's KV cache). It yields after each forward
+        pass so the engine loop can run a decode step between them; the vector is the generator's return value."""
+        cache = DynamicCache(config=self.model.config)
+        total = None
+        for start in range(0, len(prompt), chunk_tokens):
+            piece = prompt[start : start + chunk_tokens]
+            with torch.inference_mode():
+                if self.cpu_layouts is not None:
+                    self.cpu_layouts.use(len(piece))
+                ids = torch.tensor([piece], device=self.device)
+                hidden = self.model.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+                part = hidden[0].float().sum(0)
+                total = part if total is None else total + part
+            yield
+        with torch.inference_mode():
+            return F.normalize(total / len(prompt), dim=-1).tolist()

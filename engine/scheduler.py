@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.errors import PromptTooLongError, QueueFullError
+from engine.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from engine.kv_cache import KVCache
 from engine.sequence import Sequence, SequenceStatus
 
@@ -36,6 +36,12 @@ class Scheduler:
                 f"(max_model_len) is {self.max_model_len} tokens: shorten the prompt, lower max_tokens, or raise "
                 f"max_model_len",
                 param="prompt" if num_prompt_tokens >= self.max_model_len else "max_tokens",
+            )
+        if self.max_queue and num_seqs > self.max_queue:  # 0: no waiting room, every request is "full"
+            raise InvalidRequestError(
+                f"the request has {num_seqs} sequences (n) but at most {self.max_queue} can wait (max_queue): "
+                f"lower n or raise max_queue",
+                param="n",
             )
         if self.max_queue is not None and len(self.waiting) + num_seqs > self.max_queue:
             raise QueueFullError(

@@ -1,8 +1,8 @@
 """`create_app(backend, settings)`: the FastAPI application around any Backend.
 
 The lifespan starts the backend and, on shutdown, drains it (running requests may finish within
---drain-timeout). `app.state.draining` is set on SIGTERM (see server/cli.py) so new requests get 503 while
-the running ones finish.
+--drain-timeout). `app.state.draining` is set on SIGTERM (see server/drain.py) so new requests get 503 while
+the running ones finish. Request bodies over --max-request-bytes get 413 (server/body_limit.py).
 """
 
 from __future__ import annotations
@@ -27,11 +27,15 @@ from server import (
     routes_tokenizer_info,
 )
 from server.auth import check_api_key
+from server.body_limit import LimitBody
+from server.drain import CountRequests, RequestCounter
 from server.errors import APIError, install_error_handlers
 from server.metrics import ServerMetrics
 from server.request_id import RequestId
 from server.responses_store import ResponseStore
+from server.openapi import install_openapi
 from server.settings import Settings
+from server.workers import create_pool
 
 _SLASHES = re.compile(r"/{2,}")
 
@@ -70,6 +74,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.draining = True
             await backend.shutdown(drain_timeout=settings.drain_timeout)
+            app.state.workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="my-minimind OpenAI-compatible API",
@@ -83,18 +88,22 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.state.draining = False
     app.state.ready = False
     app.state.responses = ResponseStore()
+    app.state.requests = RequestCounter()
+    app.state.workers = create_pool()
 
     install_error_handlers(app)
     v1 = [Depends(check_api_key), Depends(admit)]
-    app.include_router(routes_models.router, dependencies=[Depends(check_api_key)])
+    app.include_router(routes_models.router, dependencies=v1)
     app.include_router(routes_chat.router, dependencies=v1)
     app.include_router(routes_completions.router, dependencies=v1)
     app.include_router(routes_embeddings.router, dependencies=v1)
     app.include_router(routes_responses.router, dependencies=v1)
-    app.include_router(routes_tokenize.router)
-    app.include_router(routes_tokenizer_info.router)
+    app.include_router(routes_tokenize.router, dependencies=[Depends(admit)])
+    app.include_router(routes_tokenizer_info.router, dependencies=[Depends(admit)])
     app.include_router(routes_health.router)
+    install_openapi(app)
 
+    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)  # inside CORS: a 413 keeps its headers
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -105,4 +114,5 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(RequestId)
     app.add_middleware(NormalizePath)
+    app.add_middleware(CountRequests, counter=app.state.requests)
     return app

@@ -1,18 +1,20 @@
 """`minimind serve`: build the backend from the settings, wrap it in the app, run uvicorn.
 
-SIGTERM/Ctrl-C: new requests get 503 at once (app.state.draining), running ones may finish for up to
---drain-timeout seconds, then the backend aborts what is left and the process exits.
+SIGTERM/Ctrl-C: new requests get 503 at once while the server keeps listening, running ones may finish for
+up to --drain-timeout seconds, then the backend ends what is left (server/drain.py) and the process exits.
+A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from typing import Any
 
 from server import settings as settings_mod
 from server.listen import bind_port
-from server.settings import Settings
+from server.settings import Settings, format_size
 
 log = logging.getLogger("minimind.server")
 
@@ -49,6 +51,7 @@ def build_backend(settings: Settings) -> Any:
             draft_model=settings.draft_model,
             num_speculative_tokens=settings.num_speculative_tokens,
             lora=settings.lora,
+            kv_cache_memory=settings.kv_cache_memory,
         )
     from engine.backends.native import NativeBackend
 
@@ -65,7 +68,36 @@ def build_backend(settings: Settings) -> Any:
         served_model_name=settings.served_model_name,
         max_queue=settings.max_queue,
         compile_model=settings.compile,
+        kv_cache_memory=settings.kv_cache_memory,
     )
+
+
+def log_capacity(info: Any, max_num_seqs: int) -> None:
+    """How many requests can run at once: --max-num-seqs, or fewer when the KV cache budget holds fewer."""
+    slots = info.extra.get("kv_cache_slots")
+    if slots is None:  # the vllm backend sizes its own cache and logs it
+        return
+    per_seq, budget = info.extra["kv_cache_bytes_per_seq"], info.extra["kv_cache_bytes"]
+    log.info(
+        "KV cache: %d sequences of up to %d tokens (%s each, budget %s): at most %d requests decode at once",
+        slots,
+        info.max_model_len,
+        format_size(per_seq),
+        format_size(budget),
+        slots,
+    )
+    if slots < max_num_seqs:
+        log.warning(
+            "--max-num-seqs is %d but the KV cache budget (%s) holds only %d sequences of %d tokens: at most %d "
+            "requests run at once and the rest wait; raise --kv-cache-memory (to at least %s) or lower "
+            "--max-model-len",
+            max_num_seqs,
+            format_size(budget),
+            slots,
+            info.max_model_len,
+            slots,
+            format_size(per_seq * max_num_seqs),
+        )
 
 
 def serve(settings: Settings) -> None:
@@ -74,6 +106,7 @@ def serve(settings: Settings) -> None:
     from sse_starlette.sse import AppStatus
 
     from server.app import create_app
+    from server.drain import drain
 
     # sse-starlette would end every open stream on SIGTERM; we drain them instead (uvicorn's graceful
     # shutdown waits up to --drain-timeout, then the backend aborts what is left).
@@ -95,20 +128,34 @@ def serve(settings: Settings) -> None:
         settings.port,
         " (API key required)" if settings.api_key else "",
     )
+    log_capacity(info, settings.max_num_seqs)
 
     class DrainingServer(uvicorn.Server):
+        """uvicorn stops listening as soon as it is told to exit; this one first drains (server/drain.py)."""
+
+        drain_task: asyncio.Task | None = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not app.state.draining:
-                log.info("shutting down: no new requests; draining running ones (up to %.0fs)", settings.drain_timeout)
+            if app.state.draining:  # a second signal: stop now
+                super().handle_exit(sig, frame)
+                return
+            log.info("shutting down: no new requests; draining running ones (up to %gs)", settings.drain_timeout)
             app.state.draining = True
-            super().handle_exit(sig, frame)
+            self._captured_signals.append(sig)  # uvicorn re-raises it at exit, for the exit status
+
+        async def on_tick(self, counter: int) -> bool:
+            if app.state.draining and self.drain_task is None:
+                self.drain_task = asyncio.create_task(drain(app, settings.drain_timeout))
+            if self.drain_task is not None and self.drain_task.done():
+                self.should_exit = True
+            return await super().on_tick(counter)
 
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout)),
+        timeout_graceful_shutdown=5,  # the drain has run by then: this only closes idle connections
     )
     DrainingServer(config).run(sockets=[sock])
 

@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EngineError, InvalidRequestError, QueueFullError
+from engine.errors import EngineError, EngineShutdownError, InvalidRequestError, QueueFullError
 from minimind.errors import MiniMindError
+from server.settings import format_size
 
 log = logging.getLogger("minimind.server")
 
@@ -25,6 +26,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -42,6 +44,13 @@ class APIError(MiniMindError):
         self.code = code
 
 
+class ClientDisconnected(APIError):
+    """The client went away before a non-stream answer was ready: its work is cancelled, nothing is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client disconnected before the answer was ready", code="client_disconnected")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict:
     """The JSON body of an error (also sent as an SSE event when a stream fails midway)."""
     return {
@@ -54,8 +63,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
+RETRY_AFTER_S = 1  # 429 (queue full) and 503 (shutting down): the OpenAI SDKs wait this long before a retry
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif status in (429, 503):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -65,6 +81,8 @@ def api_error_from(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, EngineShutdownError):
+        return APIError(503, str(exc), code="server_shutting_down")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, EngineError):
@@ -81,7 +99,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
-        return f"request body is not valid JSON: {ctx.get('error', 'parse error')}; send a JSON object", None
+        where = _json_position(exc.body, first.get("loc", ()))
+        return f"request body is not valid JSON: {ctx.get('error', 'parse error')}{where}; send a JSON object", None
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     field = ".".join(loc) or None
     where = f"field '{field}'" if field else "request body"
@@ -100,9 +119,30 @@ def _not_json_message(content_type: str) -> str:
     )
 
 
+def too_large_message(limit: int) -> str:
+    return (
+        f"the request body is larger than this server accepts ({format_size(limit)}, --max-request-bytes); "
+        "send a smaller request (fewer or shorter inputs)"
+    )
+
+
+def _json_position(doc: object, loc: tuple) -> str:
+    """' at line L column C (char P)' of a JSON syntax error, as json.JSONDecodeError words it."""
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    if pos is None:
+        return ""
+    if not isinstance(doc, str):
+        return f" at char {pos}"
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)
+    return f" at line {line} column {column} (char {pos})"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if isinstance(exc, ClientDisconnected):  # an everyday event, not a server error: no traceback
+            log.info("%s %s: client disconnected; its generation was cancelled", request.method, request.url.path)
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(EngineError)
@@ -120,10 +160,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
+        message, code = str(exc.detail), None
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see GET /docs for the API"
-        return error_response(exc.status_code, message)
+        elif exc.status_code == 413:
+            message, code = too_large_message(request.app.state.settings.max_request_bytes), "request_too_large"
+        return error_response(exc.status_code, message, code=code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

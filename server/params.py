@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.backend import Backend
+from engine.backend import Backend, ModelInfo
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from server.errors import APIError
@@ -28,6 +28,21 @@ def check_model(requested: str | None, backend: Backend) -> None:
             f"model '{requested}' does not exist; this server serves '{info.name}' (see GET /v1/models)",
             param="model",
             code="model_not_found",
+        )
+
+
+def check_fits_queue(num_seqs: int, info: ModelInfo, param: str) -> None:
+    """400 for a request whose sequences (prompts x n) outnumber the waiting queue: it could never be queued,
+    so a 429 (retry later) would be wrong. Backends that bound the queue by sequences say so in info.extra.
+    --max-queue 0 (no waiting room at all) keeps answering 429: the server is busy, not the request wrong."""
+    limit = info.extra.get("max_queue_seqs")
+    if limit and num_seqs > limit:
+        raise APIError(
+            400,
+            f"this request needs {num_seqs} sequences (prompts x n) but the server queues at most {limit} "
+            f"(--max-queue); send fewer prompts or a smaller n per request",
+            param=param,
+            code="request_too_large",
         )
 
 

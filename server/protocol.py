@@ -2,6 +2,8 @@
 
 Requests ignore unknown fields (clients such as Open-WebUI send their own), never reject them. Field
 names follow OpenAI's API, plus vLLM's extensions (top_k, min_p, repetition_penalty, ...) under vLLM's names.
+Every text in a request must be encodable as UTF-8: JSON may carry a lone surrogate (`"\\ud800"`), which no
+tokenizer or response can hold, so it is refused here with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def random_id(prefix: str) -> str:
@@ -18,10 +20,46 @@ def random_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
+def _unencodable(value: Any, where: str = "") -> tuple[str, int, str] | None:
+    """(where, character index, the character) of the first text in `value` that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return where, err.start, f"U+{ord(value[err.start]):04X}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable(key, f"{where}[key]") or _unencodable(item, f"{where}[{key!r}]")
+            if found:
+                return found
+    elif isinstance(value, list) and value and not isinstance(value[0], (int, float)):
+        # typed fields hold lists of one kind (token ids are skipped whole); free-form dicts are walked above
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
 class Request(BaseModel):
-    """Base of every request: unknown fields are ignored (not rejected)."""
+    """Base of every request: unknown fields are ignored (not rejected); text must be valid Unicode."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        found = _unencodable(value)
+        if found is not None:
+            where, index, char = found
+            raise ValueError(
+                f"text{where} has an unpaired UTF-16 surrogate ({char}) at character {index}, which is not valid "
+                "Unicode; send UTF-8 text (a surrogate escape only as part of a complete pair)"
+            )
+        return value
 
 
 class Response(BaseModel):
@@ -113,6 +151,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused unless --trust-request-chat-template
     add_generation_prompt: bool = True
 
 
@@ -263,6 +302,7 @@ class TokenizeRequest(Request):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused unless --trust-request-chat-template
 
 
 class TokenizeResponse(Response):

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from engine.backend import CompletionDelta, TokenLogprob
 from engine.reasoning import ReasoningStreamParser, reasoning_opened_by_prompt
 from server.errors import APIError
-from server.params import check_model, resolve_max_tokens, sampling_params
-from server.prompts import encode, render_chat
+from server.params import check_fits_queue, check_model, resolve_max_tokens, sampling_params
+from server.prompts import chat_prompt, request_template
 from server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -32,6 +32,7 @@ from server.protocol import (
 )
 from server.streaming import first_then_rest, run_backend, sse_response, until_disconnect
 from server.tool_calls import ToolCallStreamParser, tool_call_deltas
+from server.workers import offload
 
 router = APIRouter(tags=["chat"])
 
@@ -96,15 +97,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise APIError(
             400, "response_format: only {'type': 'text'} is supported by this server", param="response_format"
         )
+    check_fits_queue(body.n, backend.info, "n")
     use_tools = bool(body.tools) and body.tool_choice != "none"
-    prompt_text = render_chat(
+    trusted = request.app.state.settings.trust_request_chat_template
+    template = request_template(body.chat_template, body.chat_template_kwargs, trusted)
+    prompt_text, prompt = await offload(
+        request,
+        chat_prompt,
         backend.tokenizer,
         body.messages,
         tools=body.tools if use_tools else None,
         chat_template_kwargs=body.chat_template_kwargs,
         add_generation_prompt=body.add_generation_prompt,
+        chat_template=template,
     )
-    prompt = encode(backend.tokenizer, prompt_text, add_special_tokens=False)
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(len(prompt), wanted, backend.info.max_model_len, param)

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from engine.backend import CompletionDelta, TokenLogprob
-from server.params import check_model, check_token_ids, resolve_max_tokens, sampling_params
+from server.params import check_fits_queue, check_model, check_token_ids, resolve_max_tokens, sampling_params
 from server.prompts import encode, normalize_prompts
 from server.protocol import (
     CompletionChoice,
@@ -25,6 +25,7 @@ from server.protocol import (
     random_id,
 )
 from server.streaming import first_then_rest, merge, run_backend, sse_response, until_disconnect
+from server.workers import offload
 
 router = APIRouter(tags=["completions"])
 
@@ -71,22 +72,35 @@ class Choice:
     generated: int = 0
 
 
-def _echo(
-    tokenizer: Any,
-    prompt: str | list[int],
-    ids: list[int],
-    choice: Choice,
-    delta: CompletionDelta | None,
-    top: int | None,
-) -> str:
-    """Put the prompt in front of a choice (echo): its text, and with logprobs its tokens' logprobs."""
-    text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+def _echo(job: Job, p: int, choice: Choice, delta: CompletionDelta | None) -> str:
+    """Put prompt `p` in front of a choice (echo): its text, and with logprobs its tokens' logprobs."""
+    text, token_texts = job.echo_texts[p]
     choice.text += text
     if choice.logprobs is not None:
+        ids = job.prompt_ids[p]
         entries = (delta.prompt_logprobs if delta is not None else None) or [None] * len(ids)
-        for token_id, entry in zip(ids, entries):
-            choice.logprobs.add(tokenizer.decode([token_id]), entry, top or 0)
+        for token_text, entry in zip(token_texts, entries):
+            choice.logprobs.add(token_text, entry, job.top or 0)
     return text
+
+
+def _prepare(
+    tokenizer: Any, vocab_size: int, prompts: list[str | list[int]], echo: bool, with_tokens: bool
+) -> tuple[list[list[int]], list[tuple[str, list[str]]]]:
+    """Token ids of every prompt and, for echo, each prompt's text and token texts (in the worker pool)."""
+    prompt_ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            prompt_ids.append(encode(tokenizer, prompt, add_special_tokens=True))
+        else:
+            check_token_ids(prompt, vocab_size, "prompt")
+            prompt_ids.append(prompt)
+    echo_texts = []
+    if echo:
+        for prompt, ids in zip(prompts, prompt_ids):
+            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+            echo_texts.append((text, [tokenizer.decode([t]) for t in ids] if with_tokens else []))
+    return prompt_ids, echo_texts
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
@@ -95,11 +109,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     info = backend.info
     check_model(body.model, backend)
     prompts = normalize_prompts(body.prompt)
-    prompt_ids = []
-    for prompt in prompts:
-        ids = encode(backend.tokenizer, prompt, add_special_tokens=True) if isinstance(prompt, str) else prompt
-        check_token_ids(ids, info.vocab_size, "prompt")
-        prompt_ids.append(ids)
+    check_fits_queue(len(prompts) * body.n, info, "prompt" if len(prompts) > 1 else "n")
+    with_tokens = body.echo and body.logprobs is not None
+    prompt_ids, echo_texts = await offload(
+        request, _prepare, backend.tokenizer, info.vocab_size, prompts, body.echo, with_tokens
+    )
     max_tokens = min(
         resolve_max_tokens(len(ids), body.max_tokens, info.max_model_len, "max_tokens") for ids in prompt_ids
     )
@@ -115,7 +129,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     streams = [run_backend(request, ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompt_ids)]
     choices = [Choice(logprobs=LegacyLogprobs() if top is not None else None) for _ in range(len(prompts) * body.n)]
     num_prompt = sum(len(ids) for ids in prompt_ids)
-    ctx = Job(backend.tokenizer, prompts, prompt_ids, choices, body.n, body.echo, top)
+    ctx = Job(prompt_ids, echo_texts, choices, body.n, body.echo, top)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         merged = await first_then_rest(merge(streams))
@@ -127,9 +141,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
 class Job:
     """One /v1/completions request in flight: its prompts and the choices being filled (n per prompt)."""
 
-    tokenizer: Any
-    prompts: list[str | list[int]]
     prompt_ids: list[list[int]]
+    echo_texts: list[tuple[str, list[str]]]  # per prompt when echo: its text and its tokens' texts
     choices: list[Choice]
     n: int
     echo: bool
@@ -143,7 +156,7 @@ def _apply(job: Job, p: int, delta: CompletionDelta) -> tuple[int, str]:
     new_text = ""
     if job.echo and not choice.echoed:
         choice.echoed = True
-        new_text += _echo(job.tokenizer, job.prompts[p], job.prompt_ids[p], choice, delta, job.top)
+        new_text += _echo(job, p, choice, delta)
     choice.text += delta.text
     new_text += delta.text
     if choice.logprobs is not None and delta.logprobs:

@@ -12,8 +12,21 @@ from server.errors import APIError
 from server.params import check_model, check_token_ids
 from server.prompts import encode, normalize_prompts
 from server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+from server.workers import json_response, offload
 
 router = APIRouter(tags=["embeddings"])
+
+
+def _token_ids(tokenizer: Any, vocab_size: int, inputs: list[str | list[int]]) -> list[list[int]]:
+    """Every input as token ids (in the worker pool: long texts take a while to tokenize)."""
+    batch = []
+    for text in inputs:
+        if isinstance(text, str):
+            batch.append(encode(tokenizer, text, add_special_tokens=True))
+        else:
+            check_token_ids(text, vocab_size, "input")
+            batch.append(text)
+    return batch
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
@@ -21,12 +34,12 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
     backend = request.app.state.backend
     info = backend.info
     check_model(body.model, backend)
-    batch = []
-    for text in normalize_prompts(body.input, "input"):
-        ids = encode(backend.tokenizer, text, add_special_tokens=True) if isinstance(text, str) else text
+    batch = await offload(
+        request, _token_ids, backend.tokenizer, info.vocab_size, normalize_prompts(body.input, "input")
+    )
+    for ids in batch:
         if not ids:
             raise APIError(400, "input: an empty string has no tokens to embed", param="input")
-        check_token_ids(ids, info.vocab_size, "input")
         if len(ids) > info.max_model_len:
             raise APIError(
                 400,
@@ -34,7 +47,6 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
                 f"{info.max_model_len} tokens; split it into shorter pieces",
                 param="input",
             )
-        batch.append(ids)
     vectors = await backend.embed(batch)
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise APIError(
@@ -42,12 +54,16 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Any:
             f"dimensions={body.dimensions} is not supported: this model's embeddings have {len(vectors[0])} dimensions",
             param="dimensions",
         )
+    tokens = sum(len(ids) for ids in batch)
+    return await json_response(request, _response, vectors, body.encoding_format, info.name, tokens)
+
+
+def _response(vectors: list[list[float]], encoding_format: str, model: str, tokens: int) -> EmbeddingResponse:
     data = []
     for i, vector in enumerate(vectors):
-        if body.encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
+        if encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
             embedding: list[float] | str = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         else:
             embedding = [float(x) for x in vector]
         data.append(EmbeddingData(index=i, embedding=embedding))
-    tokens = sum(len(ids) for ids in batch)
-    return EmbeddingResponse(data=data, model=info.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+    return EmbeddingResponse(data=data, model=model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

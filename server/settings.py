@@ -7,7 +7,9 @@ docker compose sets the same names. Precedence: command-line flag > environment 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,38 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_level: str = "info"
+    max_request_bytes: int = 4 << 20
+    kv_cache_memory: int | None = None
+    trust_request_chat_template: bool = False
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40})
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """'2GiB', '512MiB', '4MB', '1.5G' or plain bytes as a number of bytes (KiB/MiB/GiB and bare K/M/G are
+    powers of 1024, KB/MB/GB powers of 1000)."""
+    match = _SIZE.fullmatch(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size: write bytes or a number with a unit, e.g. 2GiB, 512MiB, 4MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(num_bytes: int) -> str:
+    """4194304 -> '4MiB', 24159191040 -> '22.5GiB': the largest binary unit, one decimal rounded up."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        size = _UNITS[unit.lower()]
+        if num_bytes >= size:
+            tenths = math.ceil(num_bytes * 10 / size)
+            return f"{tenths // 10}{unit}" if tenths % 10 == 0 else f"{tenths / 10:.1f}{unit}"
+    return str(num_bytes)
+
+
+byte_size.__name__ = "size"  # argparse and the variable check name the type by it
 
 
 def env_name(option: str) -> str:
@@ -65,7 +99,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "served_model_name": (str, "model id that clients send and /v1/models lists (default: the model directory's name)"),
     "max_model_len": (int, "context window in tokens (prompt + output); default: the model's own"),
     "max_num_seqs": (int, "most requests decoded together in one batch (continuous batching)"),
-    "max_queue": (int, "most requests waiting for a batch slot; beyond it requests get HTTP 429"),
+    "max_queue": (
+        int,
+        "most requests (native: sequences, n per request) waiting for a batch slot; beyond it requests get HTTP "
+        "429, and one that alone needs more than this gets 400",
+    ),
     "draft_model": (str, "a small model of the same tokenizer for speculative decoding (native backend)"),
     "num_speculative_tokens": (int, "tokens the draft model proposes per step with --draft-model"),
     "lora": (str, "a PEFT LoRA adapter directory merged into the model at load time"),
@@ -81,8 +119,26 @@ OPTIONS: dict[str, tuple[type, str]] = {
         list,
         "allow browser pages from this origin (e.g. http://localhost:3000, or * for any); repeatable",
     ),
-    "drain_timeout": (float, "on SIGTERM: seconds to let running requests finish before they are aborted"),
+    "drain_timeout": (
+        float,
+        "on SIGTERM: seconds to let running requests finish (new ones get 503) before the rest are ended "
+        "(streams get an error event, waiting requests 503)",
+    ),
     "log_level": (str, "log level: debug, info, warning or error"),
+    "max_request_bytes": (
+        byte_size,
+        "largest request body accepted (bytes, or e.g. 4MiB); a larger one gets HTTP 413 before it is read",
+    ),
+    "kv_cache_memory": (
+        byte_size,
+        "native backend: memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many requests run at once "
+        "(logged at start-up); unset: half the free GPU memory, or 2GiB on the CPU",
+    ),
+    "trust_request_chat_template": (
+        bool,
+        "accept a Jinja chat template sent in a request (chat_template, or chat_template_kwargs.chat_template); "
+        "without it such requests get HTTP 400. Only for clients you trust: a template is a program",
+    ),
 }
 
 CHOICES = {"backend": ("native", "vllm"), "log_level": ("debug", "info", "warning", "error")}
@@ -101,8 +157,9 @@ def _parse_env(name: str, kind: type, raw: str) -> Any:
     try:
         value = kind(raw)
     except ValueError:
+        example = "a size such as 2GiB" if kind is byte_size else "a number"
         raise SettingsError(
-            f"environment variable {var}={raw!r} is not a valid {kind.__name__}; set it to a number or unset it"
+            f"environment variable {var}={raw!r} is not a valid {kind.__name__}; set it to {example} or unset it"
         ) from None
     if name in CHOICES and value not in CHOICES[name]:
         raise SettingsError(f"environment variable {var}={raw!r}: choose one of {', '.join(CHOICES[name])}")
@@ -116,13 +173,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = ", ".join(default) if isinstance(default, list) else default
+        if kind is byte_size and default is not None:
+            shown = format_size(default)
         full_help = f"{help_text} [env {env_name(name)}; default: {shown if shown not in (None, '') else 'none'}]"
         if kind is list:
             parser.add_argument(flag, action="append", default=None, metavar="VALUE", help=full_help)
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=full_help)
         else:
-            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=full_help)
+            metavar = "SIZE" if kind is byte_size else None
+            parser.add_argument(
+                flag, type=kind, default=None, choices=CHOICES.get(name), metavar=metavar, help=full_help
+            )
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +212,14 @@ def validate(settings: Settings) -> None:
             f"--max-model-len must be at least 2, got {settings.max_model_len}",
         ),
         (settings.drain_timeout >= 0, f"--drain-timeout must be >= 0 seconds, got {settings.drain_timeout}"),
+        (
+            settings.max_request_bytes >= 1024,
+            f"--max-request-bytes must be at least 1024 (1KiB), got {settings.max_request_bytes}",
+        ),
+        (
+            settings.kv_cache_memory is None or settings.kv_cache_memory > 0,
+            f"--kv-cache-memory must be more than 0 bytes, got {settings.kv_cache_memory}",
+        ),
         (
             settings.num_speculative_tokens >= 1,
             f"--num-speculative-tokens must be at least 1, got {settings.num_speculative_tokens}",

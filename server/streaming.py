@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 
 from engine.backend import CompletionDelta
 from engine.sampling_params import SamplingParams
-from server.errors import api_error_from, error_body
+from server.errors import ClientDisconnected, api_error_from, error_body
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
@@ -106,7 +106,7 @@ async def first_then_rest(stream: AsyncIterator[T]) -> AsyncIterator[T]:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it as soon as the client goes away (non-stream requests)."""
+    """Await `work`, cancelling it as soon as the client goes away (non-stream requests; ClientDisconnected then)."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -117,7 +117,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
                 task.cancel()
                 with anyio.CancelScope(shield=True):
                     await asyncio.gather(task, return_exceptions=True)
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientDisconnected()
     finally:
         if not task.done():
             task.cancel()

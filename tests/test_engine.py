@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from engine.errors import PromptTooLongError
+from engine.errors import InvalidRequestError, PromptTooLongError, QueueFullError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from minimind.cli import main
@@ -224,6 +224,18 @@ def test_prompt_longer_than_the_context_is_refused_before_any_work(tokenizer):
         llm.generate([short], greedy(40))  # prompt + max_tokens over the window
     assert llm.engine.cache.num_free == 2 and not llm.engine.has_work()
     assert token_ids(llm.generate([short], greedy(4)))[0] == hf_greedy(llm.model, short, 4)
+
+
+def test_more_sequences_than_the_queue_holds_is_invalid_not_full(tokenizer):
+    """n beyond max_queue could never wait in the queue: a bad request (400), not a busy server (429)."""
+    llm = make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_num_seqs=1, max_queue=2)
+    core = llm.engine
+    with pytest.raises(InvalidRequestError, match="3 sequences .* at most 2 can wait") as err:
+        core.add_request("a", prompts()[0], greedy(4, n=3))
+    assert err.value.param == "n" and not core.has_work()
+    core.add_request("b", prompts()[0], greedy(4, n=2))
+    with pytest.raises(QueueFullError):  # this one would fit once the queue empties
+        core.add_request("c", prompts()[1], greedy(4))
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------------

@@ -69,3 +69,36 @@ def test_the_gil_switch_interval_is_short_while_serving_and_restored_after():
     assert asyncio.run(run()) == pytest.approx(GIL_SWITCH_INTERVAL_S)
     assert GIL_SWITCH_INTERVAL_S < before
     assert sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_embeddings_run_in_chunks_between_decode_steps_and_equal_one_forward_pass():
+    """A batch whose forward passes would take long is embedded a chunk at a time: the running stream keeps
+    getting tokens while it is computed, and the vectors equal those of one pass over each whole input."""
+    import torch
+
+    prompts = [[(7 * i + j) % 6000 + 3 for j in range(300 + 40 * i)] for i in range(6)]  # 3-4 chunks each
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def run() -> tuple[list[list[float]], int, NativeBackend]:
+        backend = NativeBackend(str(tiny_model_dir()), device="cpu", max_model_len=512, max_num_seqs=2)
+        await backend.start()
+        try:
+            stream = backend.generate("hello there", params, "stream")
+            await anext(stream)
+            embedding = asyncio.ensure_future(backend.embed(prompts))
+            during = 0
+            async for delta in stream:
+                if embedding.done():
+                    break
+                during += len(delta.token_ids)
+            return await embedding, during, backend
+        finally:
+            await backend.shutdown(drain_timeout=0)
+
+    vectors, tokens_during, backend = asyncio.run(run())
+    assert tokens_during >= len(prompts)  # decode steps ran between the chunks, not after the whole batch
+    with torch.inference_mode():
+        for prompt, vector in zip(prompts, vectors):
+            hidden = backend.llm.model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+            want = torch.nn.functional.normalize(hidden.float().mean(0), dim=-1)
+            assert torch.allclose(torch.tensor(vector), want, atol=1e-5)

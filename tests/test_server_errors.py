@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import openai
 import pytest
 
-from tests.test_server_support import MODEL_NAME, main_server, tight_server
+from tests.test_server_support import MODEL_NAME, main_server, needs_own_server, tight_server
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -118,3 +119,115 @@ def test_queue_full_is_429():
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(one, range(6)))
     assert 429 in statuses and 200 in statuses
+
+
+def test_429_says_when_to_retry():
+    server = tight_server()
+    body = {"prompt": "hello", "max_tokens": 120, "ignore_eos": True}
+
+    def one(_):
+        return httpx.post(server.base_url + "/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        refused = [r for r in pool.map(one, range(6)) if r.status_code == 429]
+    assert refused and all(int(r.headers["retry-after"]) >= 1 for r in refused)
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/chat/completions", {"messages": MESSAGES, "n": 2, "max_tokens": 2}, "n"),
+        ("/completions", {"prompt": ["one", "two"], "max_tokens": 2}, "prompt"),
+    ],
+)
+def test_a_request_that_can_never_be_queued_is_400_not_429(path, body, param):
+    """One queue place: two sequences can never wait at once, so retrying (429) would never help."""
+    server = tight_server()
+    response = httpx.post(server.base_url + path, json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = assert_openai_shape(response.json(), 400)
+    assert error["param"] == param and "--max-queue" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path, raw, param",
+    [
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+        ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+        ("/v1/embeddings", '{"input": ["fine", "a\\udfffb"]}', "input"),
+        ("/tokenize", '{"prompt": "a\\ud800b"}', "prompt"),
+        ("/detokenize", '{"model": "a\\ud800b", "tokens": [1]}', "model"),
+    ],
+)
+def test_a_lone_surrogate_is_400_naming_the_field(server, path, raw, param):
+    """Valid JSON, but no valid Unicode: nothing can tokenize or echo it back."""
+    assert "\\ud" in raw  # a JSON escape, sent as is
+    headers = {"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"}
+    response = httpx.post(server.url + path, content=raw.encode(), headers=headers, timeout=60)
+    assert response.status_code == 400, response.text
+    error = assert_openai_shape(response.json(), 400)
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+def test_json_syntax_error_says_where(server):
+    response = httpx.post(
+        server.base_url + "/chat/completions",
+        content=b'{"messages": [\n  {"role": "user",, "content": "hi"}]}',
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    message = assert_openai_shape(response.json(), 400)["message"]
+    assert "line 2 column 19 (char 33)" in message, message
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413_in_openai_shape(server, chunked):
+    """The default --max-request-bytes is 4 MiB; /tokenize needs no key, so anyone could send one."""
+    needs_own_server("the default body limit")
+    body = ('{"prompt": "' + "x" * (5 << 20) + '"}').encode()
+    content = iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)]) if chunked else body
+    response = httpx.post(server.url + "/tokenize", content=content, timeout=60)
+    assert response.status_code == 413
+    error = assert_openai_shape(response.json(), 413)
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+    assert "4MiB" in error["message"] and "--max-request-bytes" in error["message"]
+
+
+def test_a_50mb_body_is_refused_before_it_is_read(server):
+    needs_own_server("the default body limit")
+    try:
+        response = httpx.post(server.url + "/tokenize", content=b"x" * (50 << 20), timeout=60)
+        assert response.status_code == 413
+    except httpx.TransportError:
+        pass  # answered 413 and closed while the client was still sending: refused as well
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, fields",
+    [
+        ("/v1/chat/completions", {"chat_template": "{{ 'x' }}"}),
+        ("/v1/chat/completions", {"chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}),
+        ("/tokenize", {"chat_template": "{{ 'x' }}"}),
+    ],
+)
+def test_a_chat_template_in_the_request_is_refused_unless_trusted(server, path, fields):
+    """A template is a program (nested loops ran for minutes on the event loop); as vLLM, refuse it by default."""
+    body = {"messages": MESSAGES, "max_tokens": 2, **fields}
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    response = httpx.post(server.url + path, json=body, headers=headers, timeout=60)
+    assert response.status_code == 400, response.text
+    error = assert_openai_shape(response.json(), 400)
+    assert "chat_template" in error["param"] and "--trust-request-chat-template" in error["message"]
+
+
+def test_a_client_that_leaves_a_non_stream_request_is_no_error_in_the_log(server):
+    needs_own_server("reading the server's log")
+    before = server.log.stat().st_size
+    body = {"model": server.model, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/chat/completions", json=body, headers=headers, timeout=0.3)
+    time.sleep(1.0)  # the server notices the disconnect on its next poll (every 0.25 s)
+    log = server.log.read_bytes()[before:].decode(errors="replace")
+    assert "Traceback" not in log and "ERROR" not in log, log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -11,7 +12,14 @@ import httpx
 import openai
 import pytest
 
-from tests.test_server_support import MODEL_NAME, main_server, metric, start_server
+from tests.test_server_support import (
+    LONG_CONTEXT,
+    MODEL_NAME,
+    long_context_model_dir,
+    main_server,
+    metric,
+    start_server,
+)
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
@@ -127,8 +135,55 @@ def test_sigterm_drains_running_requests_then_exits():
 
 
 def _refused(server) -> bool:
-    try:
-        response = httpx.get(server.url + "/health", timeout=2)
-        return response.status_code == 503
-    except httpx.HTTPError:
-        return True  # the listening socket is already closed: refused as well
+    """/health answers 503 (through the listening socket, which stays open while draining)."""
+    return httpx.get(server.url + "/health", timeout=5).status_code == 503
+
+
+def test_sigterm_past_the_drain_timeout_ends_every_request_with_an_error():
+    """A stream still running when --drain-timeout ends gets an error event and [DONE]; a request still
+    waiting for a slot gets 503; while draining, new requests get 503 (not a refused connection)."""
+    server = start_server(
+        "--drain-timeout",
+        "2",
+        "--max-num-seqs",
+        "1",
+        "--max-model-len",
+        str(LONG_CONTEXT),
+        fresh=True,
+        model=long_context_model_dir(),
+    )
+    long = {"prompt": "hello", "max_tokens": LONG_CONTEXT - 16, "ignore_eos": True}
+    events: list[str] = []
+    waiting: dict[str, httpx.Response] = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", server.base_url + "/completions", json={**long, "stream": True}, timeout=120) as r:
+            events.extend(line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: "))
+
+    def queued() -> None:  # the one batch slot is taken: this one waits
+        waiting["response"] = httpx.post(server.base_url + "/completions", json=long, timeout=120)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    wait_for(lambda: metric(server, "minimind:num_requests_running") == 1, what="the stream running")
+    waiter = threading.Thread(target=queued)
+    waiter.start()
+    wait_for(lambda: metric(server, "minimind:num_requests_waiting") == 1, what="a request waiting")
+    server.proc.send_signal(signal.SIGTERM)
+
+    wait_for(lambda: _refused(server), timeout=10, what="/health turning 503")
+    new = httpx.post(server.base_url + "/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert new.status_code == 503 and new.json()["error"]["type"] == "service_unavailable"
+    assert int(new.headers["retry-after"]) >= 1
+
+    streamer.join(60)
+    waiter.join(60)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "server_shutting_down" and "drain timeout" in error["message"]
+    chunks = [json.loads(e) for e in events[:-2]]
+    assert len(chunks) > 1 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert waiting["response"].status_code == 503
+    assert waiting["response"].json()["error"]["code"] == "server_shutting_down"
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log_tail()

@@ -73,16 +73,17 @@ _tmp = tempfile.TemporaryDirectory(prefix="minimind-server-tests-")
 _servers: dict[tuple[str, ...], LiveServer] = {}
 
 
-def tiny_model_dir() -> Path:
-    """A tiny random MiniMind with the real minimind3 tokenizer, saved once as a Hugging Face directory."""
-    path = Path(_tmp.name) / "tiny-minimind"
+def tiny_model_dir(name: str = "tiny-minimind", **config: int) -> Path:
+    """A tiny random MiniMind with the real minimind3 tokenizer, saved once as a Hugging Face directory
+    (`config` overrides tests/conftest.py's tiny_config, e.g. a longer max_position_embeddings)."""
+    path = Path(_tmp.name) / name
     if not path.is_dir():
         # Built in a scratch directory and renamed when complete: a failure half-way never leaves a directory
         # that a later test would take for a finished model.
         from transformers import AutoTokenizer
 
-        scratch = Path(tempfile.mkdtemp(prefix="tiny-minimind-", dir=_tmp.name))
-        tiny_model().save_pretrained(scratch)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_tmp.name))
+        tiny_model(**config).save_pretrained(scratch)
         AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense").save_pretrained(scratch)
         scratch.rename(path)
     return path
@@ -156,6 +157,14 @@ def main_server() -> LiveServer:
     return start_server(
         "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "256", "--cors-origins", "http://ui.example"
     )
+
+
+LONG_CONTEXT = 16384
+
+
+def long_context_model_dir() -> Path:
+    """The tiny model with room for long streams (tests that must keep a stream running for seconds)."""
+    return tiny_model_dir("tiny-minimind-long", max_position_embeddings=LONG_CONTEXT)
 
 
 def tight_server() -> LiveServer:

@@ -218,3 +218,61 @@ def test_vllm_backend_embeddings_match_the_native_pooling(tmp_path):
             hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
             want = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
             assert torch.allclose(torch.tensor(vector), want, atol=1e-5)
+
+
+def test_byte_sizes_take_units_and_name_the_problem():
+    assert [settings_mod.byte_size(t) for t in ("2GiB", "512MiB", "4MB", "1.5G", "100", "8 KiB")] == [
+        2 << 30,
+        512 << 20,
+        4_000_000,
+        3 << 29,
+        100,
+        8 << 10,
+    ]
+    s = parse(["--kv-cache-memory", "1GiB"], {"MINIMIND_MAX_REQUEST_BYTES": "1MiB"})
+    assert (s.kv_cache_memory, s.max_request_bytes) == (1 << 30, 1 << 20)
+    assert parse([], {}).max_request_bytes == 4 << 20 and parse([], {}).kv_cache_memory is None
+    assert parse([], {"MINIMIND_TRUST_REQUEST_CHAT_TEMPLATE": "1"}).trust_request_chat_template is True
+    assert parse([], {}).trust_request_chat_template is False
+    with pytest.raises(settings_mod.SettingsError, match="MINIMIND_KV_CACHE_MEMORY='2 parsecs' is not a valid size"):
+        parse([], {"MINIMIND_KV_CACHE_MEMORY": "2 parsecs"})
+
+
+def test_start_up_warns_when_the_kv_cache_holds_fewer_sequences_than_max_num_seqs(caplog):
+    """The tiny model's slot of 256 tokens takes 128 KiB: 512 KiB holds 4 of the 16 sequences asked for."""
+    from server.cli import build_backend, log_capacity
+    from tests.test_server_support import tiny_model_dir
+
+    settings = settings_mod.Settings(
+        model=str(tiny_model_dir()), device="cpu", max_model_len=256, max_num_seqs=16, kv_cache_memory=512 << 10
+    )
+    backend = build_backend(settings)
+    assert backend.core.cache.num_slots == 4
+    with caplog.at_level("INFO", logger="minimind.server"):
+        log_capacity(backend.info, settings.max_num_seqs)
+    assert "KV cache: 4 sequences of up to 256 tokens (128KiB each, budget 512KiB)" in caplog.text
+    warning = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "holds only 4 sequences" in warning[0].getMessage()
+    assert "--kv-cache-memory (to at least 2MiB)" in warning[0].getMessage()
+
+
+def test_fast_encode_gives_the_tokenizers_own_ids():
+    """prompts.encode takes the Rust tokenizer's encode_batch_fast (it releases the GIL): same ids as a call."""
+    from transformers import AutoTokenizer
+
+    from server.prompts import encode
+    from tests.conftest import UPSTREAM_FIXTURES
+
+    tokenizer = AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense")
+    texts = [
+        "hello world",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "日本語 テキスト 🙂",
+        "  two  spaces\t\n\n",
+        "",
+        "a" * 3000,
+    ]
+    for text in texts:
+        for special in (True, False):
+            want = tokenizer(text, add_special_tokens=special)["input_ids"]
+            assert encode(tokenizer, text, add_special_tokens=special) == want, (text, special)

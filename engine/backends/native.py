@@ -9,6 +9,11 @@ The event loop never takes the engine's lock: a step holds it for milliseconds a
 again at once, so an event loop waiting on it would stop every stream from being written. New requests and
 aborts go to an inbox instead, which the engine thread empties between steps.
 
+Embeddings run on the engine thread too, one forward pass of at most EMBED_CHUNK_TOKENS tokens between two
+steps: a large batch then slows the running streams down instead of stopping them until it is done. On a CPU
+the chunk is small (a 135M model takes a few milliseconds per token there, so 128 tokens keep a stream's
+gap to a fraction of a second); on a GPU a larger chunk costs the streams little.
+
 Both threads share the GIL. Every torch call and every GPU wait releases it, and with Python's default switch
 interval (5 ms) the engine thread then waits up to 5 ms to get it back while the event loop is busy writing
 streams: under load a 1 ms decode step took 5-7 ms. The server therefore runs with a 0.1 ms switch interval
@@ -22,18 +27,18 @@ import asyncio
 import queue
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.backend import CompletionDelta, EngineStats, ModelInfo, merge_deltas
-from engine.errors import EngineError, PromptTooLongError, QueueFullError
+from engine.errors import EngineError, EngineShutdownError, PromptTooLongError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 GIL_SWITCH_INTERVAL_S = 0.0001  # see the module docstring
+EMBED_CHUNK_TOKENS = {"cpu": 128, "other": 1024}  # tokens of one embeddings forward pass between two steps
 
 
 class NativeBackend:
@@ -53,7 +58,13 @@ class NativeBackend:
         self.tokenizer = self.llm.tokenizer
         param = next(self.llm.model.parameters())
         path = str(model) if isinstance(model, (str, Path)) else ""
-        extra: dict[str, Any] = {"kv_cache_slots": self.core.cache.num_slots}
+        extra: dict[str, Any] = {
+            "kv_cache_slots": self.core.cache.num_slots,  # the most sequences that run at once
+            "kv_cache_bytes": self.core.kv_cache_budget,
+            "kv_cache_bytes_per_seq": self.core.kv_bytes_per_seq,
+            "max_num_seqs": self.core.max_num_seqs,
+            "max_queue_seqs": max_queue,  # sequences (n per request) that may wait for a slot
+        }
         if self.core.spec is not None:
             extra["num_speculative_tokens"] = self.core.spec.k
         self.info = ModelInfo(
@@ -72,6 +83,8 @@ class NativeBackend:
         self._wake = threading.Event()
         # Work for the engine thread, run between steps: (function, args, future or None).
         self._inbox: queue.SimpleQueue[tuple[Any, tuple, asyncio.Future | None]] = queue.SimpleQueue()
+        # Embeddings batches in progress, oldest first (only the engine thread touches it).
+        self._embeds: deque[tuple[Generator[None, None, list[list[float]]], asyncio.Future]] = deque()
         self._stop = False
         self._accepting = False
         self.error: BaseException | None = None
@@ -93,13 +106,18 @@ class NativeBackend:
         self._thread.start()
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
-        """Stop admitting, let running requests finish for up to drain_timeout seconds, then abort the rest."""
+        """Stop admitting, let running requests finish for up to drain_timeout seconds, then end the rest with
+        EngineShutdownError (streams send it as an error event, requests not yet answered get HTTP 503)."""
         self._accepting = False
         deadline = asyncio.get_running_loop().time() + drain_timeout
-        while self.core.has_work() and asyncio.get_running_loop().time() < deadline:
+        while (self.core.has_work() or self._queues or self._embeds) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
-        for request_id in list(self._queues):
-            await self.abort(request_id)
+        if self._thread is not None:
+            stopped = EngineShutdownError(
+                f"the server shut down before this request finished (drain timeout {drain_timeout:g}s); "
+                "retry it on another replica"
+            )
+            await self._submit(self._fail_all, stopped, wait=True)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -112,9 +130,11 @@ class NativeBackend:
     def _run(self) -> None:
         while not self._stop:
             self._drain_inbox()
+            embedding = self._embed_chunk()
             if not self.core.has_work():
-                self._wake.wait(0.05)
-                self._wake.clear()
+                if not embedding:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
                 continue
             try:
                 deltas = self.core.step()
@@ -156,11 +176,36 @@ class NativeBackend:
             if stream is not None:
                 stream.put_nowait(delta)
 
+    def _embed_chunk(self) -> bool:
+        """One forward pass of the oldest embeddings batch; False when there is none."""
+        while self._embeds and self._embeds[0][1].cancelled():  # the client left
+            self._embeds.popleft()
+        if not self._embeds:
+            return False
+        job, future = self._embeds[0]
+        try:
+            with self.core.lock:
+                next(job)
+            return True
+        except StopIteration as done:
+            result, error = done.value, None
+        except Exception as err:  # handed to the waiting request, which raises it
+            result, error = None, err
+        self._embeds.popleft()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+        return True
+
     def _fail_all(self, err: BaseException) -> None:
         for request_id, stream in list(self._queues.items()):
             self.core.abort(request_id)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(stream.put_nowait, err)
+        if isinstance(err, EngineShutdownError):
+            while self._embeds:
+                _, future = self._embeds.popleft()
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(_settle, future, None, err)
 
     # ---- requests -----------------------------------------------------------------------------------------------------
 
@@ -169,7 +214,7 @@ class NativeBackend:
     ) -> AsyncIterator[CompletionDelta]:
         """Stream one request's deltas; raises PromptTooLongError / QueueFullError / InvalidRequestError first."""
         if not self._accepting or self._thread is None:
-            raise QueueFullError("the engine is not running (not started, or shutting down): retry later")
+            raise EngineShutdownError("the engine is not running (not started, or shutting down): retry later")
         if request_id in self._queues:
             raise EngineError(f"request id {request_id!r} is already running; use a unique id")
         text, ids = self.llm.encode(prompt)
@@ -188,6 +233,8 @@ class NativeBackend:
             while live:
                 item = pending if pending is not None else await stream.get()
                 pending = None
+                if isinstance(item, EngineShutdownError):
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineError(f"the engine failed while running this request: {item}") from item
                 # Deltas that piled up while this stream was not read go out as one.
@@ -213,19 +260,26 @@ class NativeBackend:
         self._submit(self.core.abort, request_id, wait=False)
 
     async def embed(self, prompts: list[list[int]]) -> list[list[float]]:
-        """Mean-pooled, L2-normalised last hidden states, one vector per prompt (runs between engine steps)."""
+        """Mean-pooled, L2-normalised last hidden states, one vector per prompt, computed on the engine thread a
+        chunk at a time between steps (see the module docstring)."""
         for i, prompt in enumerate(prompts):
             if not 0 < len(prompt) <= self.core.max_model_len:
                 raise PromptTooLongError(
                     f"input {i} has {len(prompt)} tokens; embeddings need 1 to {self.core.max_model_len} tokens",
                     param="input",
                 )
+        if not self._accepting or self._thread is None:
+            raise EngineShutdownError("the engine is not running (not started, or shutting down): retry later")
+        future = asyncio.get_running_loop().create_future()
+        self._submit(self._embeds.append, (self._embed_batch(prompts), future), wait=False)
+        return await future
 
-        def run() -> list[list[float]]:
-            with self.core.lock, torch.inference_mode():
-                return self.core.runner.embed(prompts)
-
-        return await asyncio.to_thread(run)
+    def _embed_batch(self, prompts: list[list[int]]) -> Generator[None, None, list[list[float]]]:
+        chunk = EMBED_CHUNK_TOKENS["cpu" if self.core.device.type == "cpu" else "other"]
+        vectors = []
+        for prompt in prompts:
+            vectors.append((yield from self.core.runner.embed_chunks(prompt, chunk)))
+        return vectors
 
     def stats(self) -> EngineStats:
         scheduler = self.core.scheduler

@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.backend import CompletionDelta, EngineStats, ModelInfo, TokenLogprob
 from engine.dtypes import LONG_NAMES, dtype_name
-from engine.errors import EngineError, InvalidRequestError, PromptTooLongError, QueueFullError
+from engine.errors import EngineError, EngineShutdownError, InvalidRequestError, PromptTooLongError, QueueFullError
 from engine.sampling_params import SamplingParams
 
 
@@ -99,6 +99,7 @@ class VllmBackend:
         num_speculative_tokens: int = 4,
         lora: str | None = None,
         gpu_memory_utilization: float = 0.85,
+        kv_cache_memory: int | None = None,
     ) -> None:
         if lora is not None:
             raise InvalidRequestError(
@@ -127,6 +128,7 @@ class VllmBackend:
             gpu_memory_utilization=gpu_memory_utilization,
             speculative_config=speculative,
             disable_log_stats=False,
+            **({"kv_cache_memory_bytes": kv_cache_memory} if kv_cache_memory is not None else {}),
         )
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
@@ -173,7 +175,7 @@ class VllmBackend:
         from vllm.sampling_params import RequestOutputKind
 
         if not self.accepting:
-            raise QueueFullError("the server is shutting down and accepts no new requests")
+            raise EngineShutdownError("the server is shutting down and accepts no new requests")
         if len(self.in_flight) >= self.max_num_seqs + self.max_queue:
             raise QueueFullError(
                 f"{len(self.in_flight)} requests are running or waiting (limit {self.max_num_seqs} + "
@@ -198,6 +200,10 @@ class VllmBackend:
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, vllm_params, request_id):
                 for completion in out.outputs:
+                    if completion.finish_reason == "abort" and not self.accepting:
+                        raise EngineShutdownError(
+                            "the server shut down before this request finished (drain timeout); retry it elsewhere"
+                        )
                     if score_only and completion.finish_reason is None:
                         continue  # the one token it ran is not part of the answer
                     token_ids = [] if score_only else list(completion.token_ids)
