@@ -31,9 +31,9 @@ from server.body_limit import LimitBody
 from server.drain import CountRequests, RequestCounter
 from server.errors import APIError, install_error_handlers
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
 from server.request_id import RequestId
 from server.responses_store import ResponseStore
-from server.openapi import install_openapi
 from server.settings import Settings
 from server.workers import create_pool
 
