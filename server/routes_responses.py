@@ -21,7 +21,7 @@ from engine.backend import CompletionDelta
 from engine.reasoning import ReasoningStreamParser, reasoning_opened_by_prompt
 from server.errors import APIError, api_error_from
 from server.params import check_model, resolve_max_tokens, sampling_params
-from server.prompts import encode, render_chat
+from server.prompts import chat_prompt
 from server.protocol import ChatMessage, SamplingFields, random_id
 from server.responses_protocol import (
     ResponsesRequest,
@@ -40,6 +40,7 @@ from server.responses_store import ResponseStore, StoredResponse
 from server.routes_chat import ChoiceState
 from server.streaming import first_then_rest, run_backend, until_disconnect
 from server.tool_calls import ToolCallStreamParser
+from server.workers import offload
 
 router = APIRouter(tags=["responses"])
 
@@ -84,13 +85,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     store: ResponseStore = request.app.state.responses
     conversation = _conversation(body, store)
     system = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
-    prompt_text = render_chat(
+    prompt_text, prompt = await offload(  # off the event loop, as every chat template (server/workers.py)
+        request,
+        chat_prompt,
         backend.tokenizer,
         [*system, *conversation],
         tools=tools if use_tools else None,
         chat_template_kwargs=_thinking(body),
     )
-    prompt = encode(backend.tokenizer, prompt_text, add_special_tokens=False)
     max_tokens = resolve_max_tokens(len(prompt), body.max_output_tokens, info.max_model_len, "max_output_tokens")
     fields = SamplingFields(temperature=body.temperature, top_p=body.top_p)
     params = sampling_params(fields, max_tokens=max_tokens, vocab_size=info.vocab_size)
