@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from engine.backends.vllm import vllm_sampling_kwargs
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequestError
 from engine.sampling_params import SamplingParams
 from server import settings as settings_mod
 from server.errors import APIError
@@ -157,8 +157,10 @@ def test_vllm_mapping_is_one_to_one_and_top_k_off_is_minus_one():
     assert kwargs["top_k"] == -1 and kwargs["n"] == 3 and kwargs["temperature"] == 0.7
     assert kwargs["stop"] == ["x"] and kwargs["stop_token_ids"] is None and kwargs["seed"] == 1
     assert (kwargs["logprobs"], kwargs["prompt_logprobs"], kwargs["max_tokens"]) == (2, 1, 9)
-    # every engine field reaches vLLM under the same name
-    assert set(SamplingParams.__dataclass_fields__) == set(kwargs)
+    # every engine field reaches vLLM under the same name (logprobs_mode is engine-wide there: raw only)
+    assert set(SamplingParams.__dataclass_fields__) - {"logprobs_mode"} == set(kwargs)
+    with pytest.raises(InvalidRequestError, match="logprobs_mode"):
+        vllm_sampling_kwargs(SamplingParams(logprobs_mode="processed"))
     assert vllm_sampling_kwargs(SamplingParams(top_k=5))["top_k"] == 5
 
 

@@ -25,8 +25,15 @@ from engine.sampling_params import SamplingParams
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams` (same field names; only top_k's "off" value differs).
 
-    `output_kind` is left to the caller (it is a vLLM enum): the backend asks for deltas.
+    `output_kind` is left to the caller (it is a vLLM enum): the backend asks for deltas. `logprobs_mode` is an
+    engine-wide setting in vLLM (`--logprobs-mode`), not a request field: only the default (raw) is served.
     """
+    if params.logprobs_mode != "raw":
+        raise InvalidRequestError(
+            f"logprobs_mode {params.logprobs_mode!r}: the vLLM backend returns raw log-probs only; use the native "
+            "backend for the sampled distribution's log-probs",
+            param="logprobs_mode",
+        )
     return dict(
         n=params.n,
         temperature=params.temperature,
