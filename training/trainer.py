@@ -10,6 +10,7 @@ checkpoint is just the step number, and a resumed run sees exactly the batches a
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from training.setup import build_model, compile_model, param_groups, precision, 
 from training.stages import StageContext
 
 log = logging.getLogger("minimind.train")
+DATA_WAIT = datetime.timedelta(hours=4)  # longest wait for rank 0 to tokenize the data set
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -73,12 +75,20 @@ class Trainer:
         self.run_dir = cfg.resolved_output_dir()
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         self.cpu_group = None  # a gloo group for the small host-side all-reduces (token counts)
+        self.data_group = None  # a gloo group the other ranks wait on while rank 0 tokenizes the data
         if dist.is_initialized():
             self.cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            # Tokenizing a large JSONL takes longer than the default collective timeout (NCCL's 10 minutes:
+            # upstream's sft_mini_512 is ~9 minutes on one process), so the wait has its own, long timeout.
+            self.data_group = dist.new_group(backend="gloo", timeout=DATA_WAIT)
 
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def wait_for_data(self) -> None:
+        if self.data_group is not None:
+            dist.barrier(group=self.data_group)
 
     def setup(self) -> None:
         from engine.loader import load_tokenizer
@@ -97,10 +107,10 @@ class Trainer:
         if not cfg.data_files:
             raise TrainingError("data_path is empty: give a JSONL file (--data-path FILE.jsonl)")
         if not self.is_main:  # rank 0 tokenizes into the cache, the others then read it
-            self.barrier()
+            self.wait_for_data()
         self.dataset = self.stage.build_dataset(cfg, self.tokenizer)
         if self.is_main:
-            self.barrier()
+            self.wait_for_data()
         self.order = SampleOrder(len(self.dataset), cfg.seed)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.dataset) / self.global_batch))
 
