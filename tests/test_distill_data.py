@@ -133,3 +133,39 @@ def test_server_teacher_matches_the_engine(tmp_path, model_dir, monkeypatch, cap
     capsys.readouterr()
     assert main([*argv, *SEEDED]) == 0  # everything is there: nothing is asked again
     assert "wrote 0 conversations" in capsys.readouterr().out and len(read_out(out)) == 3
+
+
+def test_teacher_and_student_answers_become_dpo_pairs(tmp_path, model_dir, upstream_fixtures, capsys):
+    """The offline DPO demo: two models answer the same prompts, `data pairs` joins them (teacher = chosen),
+    and the dpo stage's dataset reads the result."""
+    from training.data_preference import PreferenceDataset
+
+    prompts = tmp_path / "prompts.txt"
+    write_prompts(prompts, ["What is a cat?", "Name a colour.", "Say hello."])
+    for name, seed in (("teacher", "7"), ("student", "8")):
+        args = ["data", "distill", "--teacher", model_dir, "--prompts", str(prompts), "--out", str(tmp_path / name)]
+        assert main([*args, *SEEDED[:-3], seed, "--max-tokens", "8"]) == 0
+    teacher, student = read_out(tmp_path / "teacher"), read_out(tmp_path / "student")
+    # One prompt answered alike by both, and one only the teacher answered: both are left out.
+    student[1]["conversations"][-1]["content"] = teacher[1]["conversations"][-1]["content"]
+    (tmp_path / "student").write_text("".join(json.dumps(row) + "\n" for row in student[:2]))
+    out = tmp_path / "dpo.jsonl"
+    assert main(["data", "pairs", "--chosen", str(tmp_path / "teacher"), "--rejected", str(tmp_path / "student"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "wrote 1 pairs" in capsys.readouterr().out
+    pairs = read_out(out)
+    assert pairs == [{"chosen": teacher[0]["conversations"], "rejected": student[0]["conversations"]}]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = PreferenceDataset([out], tokenizer, 256, cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 1
+
+
+def test_pairs_name_a_bad_answer_file_and_line(tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + json.dumps({"conversations": [{"role": "user", "content": "q"}]}) + "\n")
+    assert main(["data", "pairs", "--chosen", str(good), "--rejected", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert f"{bad}:2: not a conversation ending with an assistant turn" in capsys.readouterr().err

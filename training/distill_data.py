@@ -223,3 +223,39 @@ def distill(
             sink.flush()
             bar.update(len(batch))
     return len(todo), skipped
+
+
+def read_answers(path: Path) -> dict[str, Messages]:
+    """{prompt key: whole conversation} of an SFT file written by `distill` (the last turn is the answer)."""
+    if not path.is_file():
+        raise TrainingError(f"{path} not found; write it with `minimind data distill --out {path}`")
+    answers: dict[str, Messages] = {}
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            turns = json.loads(raw)["conversations"]
+            if turns[-1]["role"] != "assistant":
+                raise ValueError
+            answers[prompt_key([{"role": t["role"], "content": t["content"]} for t in turns[:-1]])] = turns
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise TrainingError(
+                f'{path}:{lineno}: not a conversation ending with an assistant turn ({{"conversations": [...]}})'
+            ) from None
+    return answers
+
+
+def make_pairs(chosen: Path, rejected: Path, out: Path) -> tuple[int, int]:
+    """DPO pairs (upstream's dpo.jsonl shape, {"chosen": [...], "rejected": [...]}) from two answer files of the
+    same prompts: typically a stronger teacher's answers (chosen) and the model's own (rejected). Prompts in only
+    one file, and answers that are the same in both, are left out. Returns (pairs written, prompts left out)."""
+    better, worse = read_answers(chosen), read_answers(rejected)
+    written = 0
+    with out.open("w", encoding="utf-8") as sink:
+        for key, good in better.items():
+            bad = worse.get(key)
+            if bad is None or bad[-1]["content"].strip() == good[-1]["content"].strip():
+                continue
+            sink.write(json.dumps({"chosen": good, "rejected": bad}, ensure_ascii=False) + "\n")
+            written += 1
+    return written, len(set(better) | set(worse)) - written
