@@ -17,7 +17,7 @@ WHEN = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range (`param` names it), "
     "a prompt over the context, a request that can never fit the queue",
     401: "Missing or wrong API key",
-    404: "Unknown model (`param: model`)",
+    404: "Unknown model (`param: model`), or an unknown or expired response id",
     413: "Request body over --max-request-bytes",
     429: "The waiting queue is full (--max-queue); retry after `Retry-After` seconds",
     503: "The server is shutting down (or stopped before this request finished); retry elsewhere",
@@ -32,8 +32,12 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("/v1/models/{model_id}", "get"): (401, 404, 503),
     ("/tokenize", "post"): (400, 404, 413, 503),
     ("/detokenize", "post"): (400, 404, 413, 503),
+    ("/v1/responses", "post"): GENERATE,
+    ("/v1/responses/{response_id}", "get"): (401, 404, 503),
+    ("/v1/responses/{response_id}", "delete"): (401, 404, 503),
+    ("/tokenizer_info", "get"): (503,),
 }
-STREAMING = {"/v1/chat/completions", "/v1/completions"}
+STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 HEALTH_SCHEMA = {
     "type": "object",
     "properties": {"status": {"type": "string", "enum": ["ok", "starting", "draining"]}},

@@ -67,6 +67,10 @@ def test_the_document_lists_the_errors_the_server_sends_and_no_422():
         for status in ("400", "413", "503"):
             schema = responses[status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in document["paths"].items():  # a new route must say how it fails, too
+        for method, operation in operations.items():
+            if path not in ("/health", "/metrics"):
+                assert "503" in operation["responses"], f"{method.upper()} {path}: its error statuses are undocumented"
     assert "429" in document["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "text/event-stream" in document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert set(document["components"]["schemas"]["ErrorBody"]["required"]) >= {"message", "type"}
