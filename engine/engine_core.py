@@ -23,12 +23,12 @@ import torch
 from engine.backend import CompletionDelta, TokenLogprob
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache
-from engine.model import MiniMindForCausalLM
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplerOutput, SamplingTensors, sample, token_counts
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from models.model import MiniMindForCausalLM
 
 
 def eos_token_ids(model: MiniMindForCausalLM, tokenizer) -> list[int]:

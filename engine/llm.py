@@ -3,7 +3,7 @@
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    llm = LLM("path/to/checkpoint")            # any checkpoint engine.loader reads; None = the bundled default
+    llm = LLM("path/to/checkpoint")            # any checkpoint models.loader reads; None = the bundled default
     out = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     print(out[0].outputs[0].text)
 
@@ -23,10 +23,10 @@ import torch
 from engine.backend import CompletionDelta
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequestError
-from engine.model import MiniMindForCausalLM, fuse_projections
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from models.model import MiniMindForCausalLM, fuse_projections
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -46,19 +46,19 @@ def load(
     tokenizer: Any = None,
     lora: str | Path | None = None,
 ) -> tuple[MiniMindForCausalLM, Any]:
-    """A checkpoint path (or None: the bundled default model) through engine.loader, or a model object as given
+    """A checkpoint path (or None: the bundled default model) through models.loader, or a model object as given
     (moved to device/dtype; then `tokenizer` must be a tokenizer object or a directory)."""
     if dtype is None and torch.device(device).type == "cuda":
         dtype = "bf16"
     if isinstance(model, MiniMindForCausalLM):
-        from engine.loader import load_tokenizer, resolve_dtype
+        from models.loader import load_tokenizer, resolve_dtype
 
         if tokenizer is None:
             raise InvalidRequestError(
                 "a model object needs tokenizer= (a tokenizer or its directory)", param="tokenizer"
             )
         if lora is not None:
-            from engine.lora import merge_lora_adapter
+            from models.lora import merge_lora_adapter
 
             model = merge_lora_adapter(model, lora)
         target = resolve_dtype(dtype, device)
@@ -66,10 +66,10 @@ def load(
         if isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer)
         return model.eval(), tokenizer
-    from engine.loader import load_model
+    from models.loader import load_model
 
     if model is None:
-        from engine.default_model import default_model_path
+        from models.default_model import default_model_path
 
         model = default_model_path()
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):

@@ -22,9 +22,9 @@ import torch
 
 from engine.backend import CompletionDelta
 from engine.kv_cache import KVCache
-from engine.model import MiniMindForCausalLM
 from engine.model_runner import ModelRunner
 from engine.sequence import Sequence
+from models.model import MiniMindForCausalLM
 
 if TYPE_CHECKING:
     from engine.engine_core import EngineCore

@@ -34,7 +34,7 @@ def build_backend(settings: Settings) -> Any:
     """The Backend the settings ask for; the model path defaults to the embedded SmolLM2-135M-Instruct."""
     model = settings.model
     if model is None:
-        from engine.default_model import default_model_path
+        from models.default_model import default_model_path
 
         model = str(default_model_path())
     if settings.backend == "vllm":

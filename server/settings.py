@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.dtypes import DTYPE_HELP, dtype_name
 from minimind.errors import MiniMindError
+from models.dtypes import DTYPE_HELP, dtype_name
 
 
 class SettingsError(MiniMindError):

@@ -303,7 +303,7 @@ def test_generate_cli_speculative_flags(tokenizer, tmp_path, capsys):
 def test_cli_model_flags_reach_the_engine():
     import argparse
 
-    from engine.cli_args import add_model_arguments, llm_kwargs_from_args
+    from engine.cli.args import add_model_arguments, llm_kwargs_from_args
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.config import MiniMindConfig
-from engine.model import MiniMindForCausalLM, fuse_projections
-from engine.presets import PRESETS, preset_config
+from models.config import MiniMindConfig
+from models.model import MiniMindForCausalLM, fuse_projections
+from models.presets import PRESETS, preset_config
 from tests.conftest import tiny_model
 
 EXPECTED_MILLIONS = {

@@ -69,7 +69,7 @@ def add_distill_arguments(sub: Any) -> None:
     distill.add_argument("--device", default=None, help="local teacher: cpu, cuda or cuda:N (default: cuda if any)")
     distill.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="local teacher precision")
     distill.add_argument("--tokenizer", default=None, help="local teacher: tokenizer directory when not beside it")
-    from engine.cli_args import add_thinking_arguments
+    from engine.cli.args import add_thinking_arguments
 
     add_thinking_arguments(distill)
 

@@ -81,7 +81,7 @@ class Trainer:
             dist.barrier()
 
     def setup(self) -> None:
-        from engine.loader import load_tokenizer
+        from models.loader import load_tokenizer
 
         cfg = self.cfg
         random.seed(cfg.seed)
@@ -352,7 +352,7 @@ class Trainer:
         model_state, _ = self.full_state()
         if self.is_main:
             model_state = {key: value.detach().cpu().clone() for key, value in model_state.items()}
-            from engine.model import MiniMindForCausalLM
+            from models.model import MiniMindForCausalLM
 
             with torch.device("meta"):
                 final = self.stage.prepare_model(MiniMindForCausalLM(self.config), self.cfg)

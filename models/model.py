@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.config import MiniMindConfig
+from models.config import MiniMindConfig
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.2x); generate()
 # passes whichever its version uses, so the forward passes accept both and outputs use the installed name.

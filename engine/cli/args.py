@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from models.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 # SamplingParams field -> flag name, to point error messages at the flag the user typed.
 _FLAG_OF = {

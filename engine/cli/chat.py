@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from engine.cli_args import (
+from engine.cli.args import (
     add_model_arguments,
     add_sampling_arguments,
     add_thinking_arguments,
