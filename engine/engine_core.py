@@ -21,7 +21,9 @@ import threading
 import torch
 
 from engine.backend import CompletionDelta, TokenLogprob
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplerOutput, SamplingTensors, sample, token_counts
@@ -94,41 +96,37 @@ class EngineCore:
         self,
         model: MiniMindForCausalLM,
         tokenizer,
+        config: EngineConfig,
         *,
-        max_model_len: int,
-        max_num_seqs: int = 256,
-        cuda_graphs: bool = True,
-        max_queue: int | None = None,
-        kv_cache_memory: int | None = None,
         draft_model: MiniMindForCausalLM | None = None,
-        num_speculative_tokens: int = 4,
-        compile_model: bool = False,
         cpu_layouts=None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.max_model_len = max_model_len
+        """Made by engine/build.py `build_engine`, which loads the models and settles `config.max_model_len`."""
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.max_model_len = max_model_len = config.max_model_len
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.eos_ids = eos_token_ids(model, tokenizer)
         # Speculative verification writes up to k positions past the last token: leave room for them.
-        spare = num_speculative_tokens + 1 if draft_model is not None else 0
+        spare = config.num_speculative_tokens + 1 if draft_model is not None else 0
         cache_len = max_model_len + spare
         # How many sequences run at once: max_num_seqs, or fewer if their slots do not fit in the budget.
-        self.kv_cache_budget, self.kv_bytes_per_seq = kv_cache_budget(model, cache_len, kv_cache_memory)
-        self.max_num_seqs = max_num_seqs
-        slots = max(1, min(max_num_seqs, self.kv_cache_budget // self.kv_bytes_per_seq))
+        self.kv_cache_budget, self.kv_bytes_per_seq = kv_cache_budget(model, cache_len, config.kv_cache_memory)
+        self.max_num_seqs = config.max_num_seqs
+        slots = max(1, min(config.max_num_seqs, self.kv_cache_budget // self.kv_bytes_per_seq))
         cfg = model.config
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(
             cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, cache_len, dtype, self.device
         )
+        cuda_graphs, compile_model = config.cuda_graphs, config.compile_model
         self.runner = ModelRunner(model, self.cache, cuda_graphs, max(2, spare), compile_model, cpu_layouts)
-        self.scheduler = Scheduler(self.cache, max_model_len, max_queue)
+        self.scheduler = Scheduler(self.cache, max_model_len, config.max_queue, config.max_prefill_tokens)
         self.spec = None
         if draft_model is not None:
             from engine.spec_decode import SpeculativeDecoder
 
-            self.spec = SpeculativeDecoder(self, draft_model, num_speculative_tokens, cuda_graphs, compile_model)
+            self.spec = SpeculativeDecoder(self, draft_model, config.num_speculative_tokens, cuda_graphs, compile_model)
         self.slot_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's newest token
         self.pending: Launched | None = None  # the step launched last, tokens not yet collected
         self._history_seqs: list[Sequence] = []  # live sequences whose sampling reads their output tokens
@@ -137,6 +135,14 @@ class EngineCore:
         self._tensors: SamplingTensors | None = None
 
     # ---- requests ---------------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text or as token ids."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
