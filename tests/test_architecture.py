@@ -142,16 +142,7 @@ def test_no_cycle_between_packages():
 
 # training is left out: its stage registry (training/stages.py stage_classes) imports the stage modules, which
 # import the Stage base class from it, by design of that registry.
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="engine.spec_decode <-> engine.engine_core"))
-        if p == "engine"
-        else p
-        for p in PACKAGES
-        if p != "training"
-    ],
-)
+@pytest.mark.parametrize("package", [p for p in PACKAGES if p != "training"])
 def test_no_cycle_between_modules_inside_a_package(package):
     graph = _graph()
     inside = {m: {t for t in ts if _package(t) == package} for m, ts in graph.items() if _package(m) == package}
