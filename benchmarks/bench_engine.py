@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_profile import profile_decode, profile_hf_generate  # noqa: E402
 from benchmarks.provenance import provenance  # noqa: E402
-from engine.config import MiniMindConfig  # noqa: E402
 from engine.llm import LLM  # noqa: E402
-from engine.model import MiniMindForCausalLM  # noqa: E402
-from engine.presets import PRESETS  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from models.config import MiniMindConfig  # noqa: E402
+from models.model import MiniMindForCausalLM  # noqa: E402
+from models.presets import PRESETS  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -109,7 +109,7 @@ def hf_baseline(model: MiniMindForCausalLM, tokenizer, scratch: Path, device: st
     """(MiniMind directory for the engine, transformers' own class loaded from the exported directory, its class)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.convert import convert
+    from models.convert import convert
 
     ours = scratch / "minimind"
     model.save_pretrained(ours)
@@ -369,11 +369,11 @@ def main() -> int:
         "models": [],
     }
     if args.model:
-        from engine.loader import load_model
+        from models.loader import load_model
 
         source = args.model
         if source == "default":
-            from engine.default_model import default_model_path
+            from models.default_model import default_model_path
 
             source = default_model_path()
         model, tokenizer = load_model(source, dtype=dtype, device=device)

@@ -66,7 +66,7 @@ class RandomTokenStage(PretrainStage):
 
 def scratch_tokenizer(folder: Path) -> Path:
     """A throwaway tokenizer: the trainer needs one (eos, chat template); the benchmark's data is random ids."""
-    from engine.tokenizer import save_tokenizer, train_tokenizer
+    from models.tokenizer import save_tokenizer, train_tokenizer
 
     data = folder / "text.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"sample text number {i} for a tokenizer"}) for i in range(200)))

@@ -5,7 +5,7 @@ to transformers' own class (`minimind convert --to auto`), then HF greedy `gener
 16-token prompt, three times in a row (the first run meets every sequence length for the first time). Cases: our
 MiniMind class and transformers' own class, each with PyTorch's default attention backends and with the cuDNN
 attention backend turned off (`torch.backends.cuda.enable_cudnn_sdp(False)`). Our class leaves cuDNN out of
-incremental decoding by itself (engine/model.py), so its two rows should agree.
+incremental decoding by itself (models/model.py), so its two rows should agree.
 
     python benchmarks/hf_generate_cold.py --preset minimind2-small --out benchmarks/results/hf-generate-cold.json
 """
@@ -31,10 +31,10 @@ def one_case(preset: str, model_class: str, cudnn: bool, new_tokens: int, tokeni
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.config import MiniMindConfig
-    from engine.convert import convert
-    from engine.model import MiniMindForCausalLM
-    from engine.presets import PRESETS
+    from models.config import MiniMindConfig
+    from models.convert import convert
+    from models.model import MiniMindForCausalLM
+    from models.presets import PRESETS
 
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def make_model(preset: str, to: str, tokenizer: Path, work: Path) -> Path:
     src, out = work / f"{preset}-minimind", work / f"{preset}-{to}"
     if not (out / "config.json").exists():
         code = (
-            "import sys, torch; from engine.model import MiniMindForCausalLM; from engine.presets import preset_config;"
+            "import sys, torch; from models.model import MiniMindForCausalLM; from models.presets import preset_config;"
             "torch.manual_seed(0); MiniMindForCausalLM(preset_config(sys.argv[1])).save_pretrained(sys.argv[2])"
         )
         subprocess.run([sys.executable, "-c", code, preset, str(src)], check=True, cwd=ROOT)

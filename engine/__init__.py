@@ -1,10 +1,4 @@
-"""Model, checkpoints, tokenizer and the native inference engine.
+"""The native inference engine: scheduler, KV cache, model runner, sampling, speculative decoding, backends.
 
-Importing `engine` registers the `minimind` model type with transformers' AutoConfig and
-AutoModelForCausalLM, so `AutoModelForCausalLM.from_pretrained(dir)` works on our checkpoints.
+Models come from `models/`; the engine never defines or reads checkpoints itself.
 """
-
-from engine.config import MiniMindConfig
-from engine.model import MiniMindForCausalLM
-
-__all__ = ["MiniMindConfig", "MiniMindForCausalLM"]

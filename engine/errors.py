@@ -23,9 +23,5 @@ class QueueFullError(EngineError):
     """The waiting queue is at its bound (HTTP 429)."""
 
 
-class CheckpointError(EngineError):
-    """A checkpoint that cannot be read, converted or written; the message names the file and the problem."""
-
-
 class EngineShutdownError(EngineError):
     """The engine stopped (shutdown past the drain timeout) before the request finished (HTTP 503)."""

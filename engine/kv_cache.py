@@ -44,6 +44,13 @@ class KVCache:
         self._free = list(range(num_slots))
         heapq.heapify(self._free)
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_slots: int, max_len: int, device: torch.device) -> KVCache:
+        """A cache shaped for `model` (its config's layers, kv heads and head size; its parameters' dtype)."""
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        return cls(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype, device)
+
     @staticmethod
     def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> int:
         """Memory one slot takes (keys and values of all layers), used to size the cache to a memory budget."""

@@ -3,7 +3,7 @@
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    llm = LLM("path/to/checkpoint")            # any checkpoint engine.loader reads; None = the bundled default
+    llm = LLM("path/to/checkpoint")            # any checkpoint models.loader reads; None = the bundled default
     out = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     print(out[0].outputs[0].text)
 
@@ -18,65 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.backend import CompletionDelta
-from engine.engine_core import EngineCore
+from engine.build import build_engine
+from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.model import MiniMindForCausalLM, fuse_projections
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from models.model import MiniMindForCausalLM
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
-
-DEFAULT_MAX_MODEL_LEN = 8192  # the cache is preallocated, so the default context is capped (pass max_model_len)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load(
-    model: str | Path | MiniMindForCausalLM | None,
-    *,
-    device: str,
-    dtype: str | torch.dtype | None,
-    tokenizer: Any = None,
-    lora: str | Path | None = None,
-) -> tuple[MiniMindForCausalLM, Any]:
-    """A checkpoint path (or None: the bundled default model) through engine.loader, or a model object as given
-    (moved to device/dtype; then `tokenizer` must be a tokenizer object or a directory)."""
-    if dtype is None and torch.device(device).type == "cuda":
-        dtype = "bf16"
-    if isinstance(model, MiniMindForCausalLM):
-        from engine.loader import load_tokenizer, resolve_dtype
-
-        if tokenizer is None:
-            raise InvalidRequestError(
-                "a model object needs tokenizer= (a tokenizer or its directory)", param="tokenizer"
-            )
-        if lora is not None:
-            from engine.lora import merge_lora_adapter
-
-            model = merge_lora_adapter(model, lora)
-        target = resolve_dtype(dtype, device)
-        model = model.to(device=device, dtype=target) if target is not None else model.to(device)
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = load_tokenizer(tokenizer)
-        return model.eval(), tokenizer
-    from engine.loader import load_model
-
-    if model is None:
-        from engine.default_model import default_model_path
-
-        model = default_model_path()
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        loaded, _ = load_model(model, dtype=dtype, device=device, lora=lora)
-    else:
-        loaded, tokenizer = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer, lora=lora)
-    return loaded, tokenizer
 
 
 class LLM:
@@ -86,74 +38,24 @@ class LLM:
         self,
         model: str | Path | MiniMindForCausalLM | None = None,
         *,
-        dtype: str | torch.dtype | None = None,
-        device: str | None = None,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        draft_model: str | Path | MiniMindForCausalLM | None = None,
-        num_speculative_tokens: int = 4,
-        lora: str | Path | None = None,
-        tokenizer: Any = None,
-        cuda_graphs: bool = True,
-        max_queue: int | None = None,
-        kv_cache_memory: int | None = None,
-        compile_model: bool = False,
+        config: EngineConfig | None = None,
+        **fields: Any,
     ) -> None:
-        """`compile_model`: run decode steps through torch.compile (fewer, fused kernels per step; the first decode
-        step compiles, about a minute on a GPU). `cuda_graphs=False` runs every step eagerly (for debugging)."""
-        device = device or default_device()
-        target, self.tokenizer = load(model, device=device, dtype=dtype, tokenizer=tokenizer, lora=lora)
-        cpu_layouts = None
-        device_type = torch.device(device).type
-        if device_type == "cpu" and not isinstance(model, MiniMindForCausalLM):
-            from engine.model_runner import CpuWeightLayouts
-
-            cpu_layouts = CpuWeightLayouts(target)  # our own copy of the weights: lay them out per step size
-        elif device_type == "cuda":
-            fuse_projections(target)  # fewer kernels per decode step
-        draft = None
-        if draft_model is not None:
-            draft, _ = load(draft_model, device=device, dtype=next(target.parameters()).dtype, tokenizer=self.tokenizer)
-            if device_type == "cuda":
-                fuse_projections(draft)
-            if draft.config.vocab_size != target.config.vocab_size:
-                raise InvalidRequestError(
-                    f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                    f"({target.config.vocab_size}): speculative decoding needs the same tokenizer",
-                    param="draft_model",
-                )
-        limit = target.config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = min(limit, DEFAULT_MAX_MODEL_LEN)
-        elif max_model_len > limit:
-            raise InvalidRequestError(
-                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}",
-                param="max_model_len",
-            )
-        self.model = target
-        self.engine = EngineCore(
-            target,
-            self.tokenizer,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            cuda_graphs=cuda_graphs,
-            max_queue=max_queue,
-            kv_cache_memory=kv_cache_memory,
-            draft_model=draft,
-            num_speculative_tokens=num_speculative_tokens,
-            compile_model=compile_model,
-            cpu_layouts=cpu_layouts,
-        )
+        """`model` and `fields` are `EngineConfig`'s fields (engine/config.py: dtype, device, max_model_len,
+        max_num_seqs, max_prefill_tokens, max_queue, kv_cache_memory, draft_model, num_speculative_tokens, lora,
+        tokenizer, cuda_graphs, compile_model), or pass a whole `config`."""
+        if config is None:
+            config = EngineConfig(model=model, **fields)
+        elif model is not None or fields:
+            raise InvalidRequestError("give either config= or the model and its fields, not both", param="config")
+        self.engine = build_engine(config)
+        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
         self._ids = itertools.count()
 
     # ---- prompts ----------------------------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt)["input_ids"]
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return self.engine.encode(prompt)
 
     def apply_chat_template(self, messages: Messages, chat_template_kwargs: dict | None = None) -> str:
         """The tokenizer's chat template with the assistant turn opened (the text the model continues)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from engine.kv_cache import CacheView, KVCache
-from engine.model import MiniMindForCausalLM
+from models.model import MiniMindForCausalLM
 
 
 class CpuWeightLayouts:

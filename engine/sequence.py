@@ -37,9 +37,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     text: str = ""  # detokenized output so far (what has been emitted)
-    sampler_state: Any = None  # per-sequence sampling state (generator) owned by the sampler
     detok: Any = None  # per-sequence incremental detokenizer
-    num_cached: int = 0  # positions of this sequence already written to the KV cache
     num_pending: int = 0  # tokens sampled on the device but not yet collected (pipelined steps)
 
     @property

@@ -16,45 +16,29 @@ by the normal sampler from the target's first distribution (plain decoding: exac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from engine.backend import CompletionDelta
-from engine.kv_cache import KVCache
-from engine.model import MiniMindForCausalLM
 from engine.model_runner import ModelRunner
 from engine.sequence import Sequence
 
-if TYPE_CHECKING:
-    from engine.engine_core import EngineCore
-
 
 def speculates(seq: Sequence) -> bool:
-    """Rows whose next token is a pure function of the logits at one position (greedy without penalties)."""
+    """Rows whose next token is a pure function of the logits at one position (greedy without penalties), and
+    that want no logprobs."""
     p = seq.params
-    return p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
+    greedy = p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
+    return greedy and p.logprobs is None
 
 
 class SpeculativeDecoder:
-    def __init__(
-        self, core: EngineCore, draft: MiniMindForCausalLM, k: int, cuda_graphs: bool, compile_model: bool = False
-    ) -> None:
+    """Runs the draft and the target for one decode step and says which tokens each sequence commits; the engine
+    samples the rows it cannot speculate and commits everything. The draft runner's cache has the target's
+    slots: a sequence's slot indexes both."""
+
+    def __init__(self, target: ModelRunner, draft: ModelRunner, k: int) -> None:
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {k}")
-        self.core, self.draft, self.k = core, draft, k
-        cfg, target_cache = draft.config, core.cache
-        dtype = next(draft.parameters()).dtype
-        self.cache = KVCache(
-            cfg.num_hidden_layers,
-            target_cache.num_slots,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            target_cache.max_len,
-            dtype,
-            core.device,
-        )  # same slots as the target's: a sequence's slot indexes both caches
-        self.runner = ModelRunner(draft, self.cache, cuda_graphs, 2, compile_model)
+        self.target, self.draft, self.k = target, draft, k
         self.proposed = 0
         self.accepted = 0
 
@@ -63,38 +47,33 @@ class SpeculativeDecoder:
         return self.accepted / self.proposed if self.proposed else 0.0
 
     def prefill(self, seqs: list[Sequence]) -> None:
-        self.runner.prefill([s.prompt_token_ids for s in seqs], [s.slot for s in seqs], [False] * len(seqs))
+        self.draft.prefill([s.prompt_token_ids for s in seqs], [s.slot for s in seqs], [False] * len(seqs))
 
-    def step(self, seqs: list[Sequence]) -> list[CompletionDelta]:
-        core, k = self.core, self.k
+    def step(self, seqs: list[Sequence]) -> tuple[list[list[int] | None], torch.Tensor]:
+        """(tokens to commit per sequence, None where the normal sampler must pick one from the target's first
+        position; the target's logits [B, k+1, V])."""
+        k = self.k
         slots = [s.slot for s in seqs]
         n = [s.num_tokens for s in seqs]
         last_two = [(s.prompt_token_ids + s.output_token_ids)[-2:] for s in seqs]
         # Draft: k greedy proposals, fed back on the device (no host sync between draft steps).
-        drafts = [self.runner.step(slots, last_two, [x - 2 for x in n])[:, -1].argmax(-1)]
+        drafts = [self.draft.step(slots, last_two, [x - 2 for x in n])[:, -1].argmax(-1)]
         for i in range(1, k):
-            logits = self.runner.step(slots, drafts[-1][:, None], [x - 1 + i for x in n])
+            logits = self.draft.step(slots, drafts[-1][:, None], [x - 1 + i for x in n])
             drafts.append(logits[:, -1].argmax(-1))
         proposal = torch.stack(drafts, dim=1)  # [B, k]
         first = torch.tensor([[s.last_token] for s in seqs], device=proposal.device)
-        target_logits = core.runner.step(slots, torch.cat([first, proposal], dim=1), [x - 1 for x in n])
+        target_logits = self.target.step(slots, torch.cat([first, proposal], dim=1), [x - 1 for x in n])
         target_best = target_logits.argmax(-1)  # [B, k+1]
         matches = (proposal == target_best[:, :k]).int().cumprod(dim=1).sum(dim=1)  # accepted prefix length
         proposal_h, best_h, matches_h = proposal.tolist(), target_best.tolist(), matches.tolist()
-
-        plain = [i for i, s in enumerate(seqs) if not speculates(s) or s.params.logprobs is not None]
-        deltas: dict[int, CompletionDelta] = {}
-        if plain:
-            # Exact fallback for sampled / penalised / logprob rows: one token from the target's first position.
-            rows = [seqs[i] for i in plain]
-            for i, delta in zip(plain, core.process(rows, target_logits[plain, 0])):
-                deltas[i] = delta
+        tokens: list[list[int] | None] = []
         for i, seq in enumerate(seqs):
-            if i in deltas:
+            if not speculates(seq):  # sampled / penalised / logprob rows: exact fallback, one sampled token
+                tokens.append(None)
                 continue
             a = matches_h[i]
             self.proposed += k
             self.accepted += a
-            tokens = proposal_h[i][:a] + [best_h[i][a]]
-            deltas[i] = core.append(seq, tokens, [None] * len(tokens))
-        return [deltas[i] for i in range(len(seqs))]
+            tokens.append(proposal_h[i][:a] + [best_h[i][a]])
+        return tokens, target_logits

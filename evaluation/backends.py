@@ -35,10 +35,10 @@ class EvalModel(Protocol):
 
 
 class LocalModel:
-    """A checkpoint loaded with engine.loader, scored with full forward passes (no KV cache needed)."""
+    """A checkpoint loaded with models.loader, scored with full forward passes (no KV cache needed)."""
 
     def __init__(self, source: str, *, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None):
-        from engine.loader import load_model
+        from models.loader import load_model
 
         self.name = str(source)
         self.device = device

@@ -13,10 +13,10 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("engine.convert_cli", "convert a checkpoint (.pth, HF dir, .gguf) into a Hugging Face directory"),
-    "tokenizer": ("engine.tokenizer_cli", "train a byte-level BPE tokenizer with MiniMind's special tokens"),
-    "generate": ("engine.generate_cli", "generate a completion for one prompt"),
-    "chat": ("engine.chat_cli", "chat with a model in the terminal"),
+    "convert": ("models.cli.convert", "convert a checkpoint (.pth, HF dir, .gguf) into a Hugging Face directory"),
+    "tokenizer": ("models.cli.tokenizer", "train a byte-level BPE tokenizer with MiniMind's special tokens"),
+    "generate": ("engine.cli.generate", "generate a completion for one prompt"),
+    "chat": ("engine.cli.chat", "chat with a model in the terminal"),
     "serve": ("server.cli", "serve a model through an OpenAI-compatible HTTP API"),
     "train": ("training.cli", "train a model: pretrain, sft or lora"),
     "data": ("training.data_cli", "build datasets (e.g. the offline demo sets)"),

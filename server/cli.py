@@ -34,7 +34,7 @@ def build_backend(settings: Settings) -> Any:
     """The Backend the settings ask for; the model path defaults to the embedded SmolLM2-135M-Instruct."""
     model = settings.model
     if model is None:
-        from engine.default_model import default_model_path
+        from models.default_model import default_model_path
 
         model = str(default_model_path())
     if settings.backend == "vllm":
@@ -53,23 +53,14 @@ def build_backend(settings: Settings) -> Any:
             lora=settings.lora,
             kv_cache_memory=settings.kv_cache_memory,
         )
-    from engine.backends.native import NativeBackend
+    from dataclasses import asdict
 
-    return NativeBackend(
-        model=model,
-        dtype=settings.dtype,
-        device=settings.device,
-        max_model_len=settings.max_model_len,
-        max_num_seqs=settings.max_num_seqs,
-        draft_model=settings.draft_model,
-        num_speculative_tokens=settings.num_speculative_tokens,
-        lora=settings.lora,
-        tokenizer=settings.tokenizer,
-        served_model_name=settings.served_model_name,
-        max_queue=settings.max_queue,
-        compile_model=settings.compile,
-        kv_cache_memory=settings.kv_cache_memory,
-    )
+    from engine.backends.native import NativeBackend
+    from engine.config import EngineConfig
+
+    # The one place where serve's settings become engine fields (same names, but --compile).
+    config = EngineConfig.from_fields(asdict(settings), model=model, compile_model=settings.compile)
+    return NativeBackend(served_model_name=settings.served_model_name, config=config)
 
 
 def log_capacity(info: Any, max_num_seqs: int) -> None:

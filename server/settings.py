@@ -7,15 +7,15 @@ docker compose sets the same names. Precedence: command-line flag > environment 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.dtypes import DTYPE_HELP, dtype_name
+from engine.config import EngineConfig
 from minimind.errors import MiniMindError
+from minimind.sizes import byte_size, format_size
+from models.dtypes import DTYPE_HELP, dtype_name
 
 
 class SettingsError(MiniMindError):
@@ -32,6 +32,7 @@ class Settings:
     served_model_name: str | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 64
+    max_prefill_tokens: int = EngineConfig.max_prefill_tokens
     max_queue: int = 256
     draft_model: str | None = None
     num_speculative_tokens: int = 4
@@ -40,41 +41,13 @@ class Settings:
     dtype: str | None = None
     device: str | None = None
     compile: bool = False
+    cuda_graphs: bool = True
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_level: str = "info"
     max_request_bytes: int = 4 << 20
     kv_cache_memory: int | None = None
     trust_request_chat_template: bool = False
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40})
-_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
-
-
-def byte_size(text: str) -> int:
-    """'2GiB', '512MiB', '4MB', '1.5G' or plain bytes as a number of bytes (KiB/MiB/GiB and bare K/M/G are
-    powers of 1024, KB/MB/GB powers of 1000)."""
-    match = _SIZE.fullmatch(str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a size: write bytes or a number with a unit, e.g. 2GiB, 512MiB, 4MB")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def format_size(num_bytes: int) -> str:
-    """4194304 -> '4MiB', 24159191040 -> '22.5GiB': the largest binary unit, one decimal rounded up."""
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        size = _UNITS[unit.lower()]
-        if num_bytes >= size:
-            tenths = math.ceil(num_bytes * 10 / size)
-            return f"{tenths // 10}{unit}" if tenths % 10 == 0 else f"{tenths / 10:.1f}{unit}"
-    return str(num_bytes)
-
-
-byte_size.__name__ = "size"  # argparse and the variable check name the type by it
 
 
 def env_name(option: str) -> str:
@@ -99,6 +72,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "served_model_name": (str, "model id that clients send and /v1/models lists (default: the model directory's name)"),
     "max_model_len": (int, "context window in tokens (prompt + output); default: the model's own"),
     "max_num_seqs": (int, "most requests decoded together in one batch (continuous batching)"),
+    "max_prefill_tokens": (
+        int,
+        "native backend: most prompt tokens admitted into one prefill step (a longer prompt still runs, alone); "
+        "lower it to shorten the pause that admitting new requests causes to running streams",
+    ),
     "max_queue": (
         int,
         "most requests (native: sequences, n per request) waiting for a batch slot; beyond it requests get HTTP "
@@ -114,6 +92,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         bool,
         "native backend: compile the decode step with torch.compile (fused kernels, about 2x faster decoding of "
         "small models on a GPU; start-up takes about a minute longer). Variable: 1/true or 0/false",
+    ),
+    "cuda_graphs": (
+        bool,
+        "native backend on a GPU: replay decode steps as CUDA graphs; --no-cuda-graphs runs them eagerly (for "
+        "debugging). Variable: 1/true or 0/false",
     ),
     "cors_origins": (
         list,
@@ -207,6 +190,10 @@ def validate(settings: Settings) -> None:
         (1 <= settings.port <= 65535, f"--port must be between 1 and 65535, got {settings.port}"),
         (settings.max_num_seqs >= 1, f"--max-num-seqs must be at least 1, got {settings.max_num_seqs}"),
         (settings.max_queue >= 0, f"--max-queue must be >= 0, got {settings.max_queue}"),
+        (
+            settings.max_prefill_tokens >= 1,
+            f"--max-prefill-tokens must be at least 1, got {settings.max_prefill_tokens}",
+        ),
         (
             settings.max_model_len is None or settings.max_model_len >= 2,
             f"--max-model-len must be at least 2, got {settings.max_model_len}",

@@ -14,7 +14,7 @@ UPSTREAM_FIXTURES = ROOT / "tests" / "fixtures" / "upstream-minimind"
 
 def tiny_config(**overrides):
     """A MiniMindConfig small enough for CPU tests (vocab 6400 so the real MiniMind tokenizers fit)."""
-    from engine.config import MiniMindConfig
+    from models.config import MiniMindConfig
 
     base = dict(
         vocab_size=6400,
@@ -30,7 +30,7 @@ def tiny_config(**overrides):
 
 
 def tiny_model(seed: int = 0, **overrides):
-    from engine.model import MiniMindForCausalLM
+    from models.model import MiniMindForCausalLM
 
     torch.manual_seed(seed)
     return MiniMindForCausalLM(tiny_config(**overrides)).eval()

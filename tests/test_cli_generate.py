@@ -14,8 +14,8 @@ from rich.console import Console
 from transformers import AutoTokenizer
 
 from engine.backend import CompletionDelta
-from engine.chat_cli import Chat, repl
-from engine.cli_args import add_sampling_arguments, sampling_params_from_args
+from engine.cli.args import add_sampling_arguments, sampling_params_from_args
+from engine.cli.chat import Chat, repl
 from engine.errors import InvalidRequestError
 from minimind.cli import main
 from tests.conftest import ROOT, tiny_model

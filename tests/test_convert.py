@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import engine.export
-from engine.convert import convert
-from engine.errors import CheckpointError
-from engine.export import write_hf_dir
-from engine.loader import load_model, load_tokenizer
+import models.export
 from minimind.cli import main
+from models.convert import convert
+from models.errors import CheckpointError
+from models.export import write_hf_dir
+from models.loader import load_model, load_tokenizer
 from tests.conftest import tiny_model
 from tests.test_loader import IDS, logits, randomize
 
@@ -198,7 +198,7 @@ def test_failure_while_writing_leaves_no_out(upstream_fixtures, tmp_path, monkey
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine.export, "generation_config", disk_full)
+    monkeypatch.setattr(models.export, "generation_config", disk_full)
     with pytest.raises(OSError, match="No space left"):
         convert(upstream_fixtures / "minimind2-dense" / "model.pth", tmp_path / "out", "llama")
     assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary directory

@@ -303,10 +303,52 @@ def test_generate_cli_speculative_flags(tokenizer, tmp_path, capsys):
 def test_cli_model_flags_reach_the_engine():
     import argparse
 
-    from engine.cli_args import add_model_arguments, llm_kwargs_from_args
+    from engine.cli.args import add_model_arguments, engine_config_from_args
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
-    kwargs = llm_kwargs_from_args(parser.parse_args(["--draft-model", "d", "--num-speculative-tokens", "6"]))
-    assert (kwargs["draft_model"], kwargs["num_speculative_tokens"], kwargs["compile_model"]) == ("d", 6, False)
-    assert llm_kwargs_from_args(parser.parse_args(["--compile"]))["compile_model"] is True
+    config = engine_config_from_args(parser.parse_args(["--draft-model", "d", "--num-speculative-tokens", "6"]))
+    assert (config.draft_model, config.num_speculative_tokens, config.compile_model) == ("d", 6, False)
+    assert engine_config_from_args(parser.parse_args(["--compile"])).compile_model is True
+    config = engine_config_from_args(
+        parser.parse_args(
+            ["--max-num-seqs", "3", "--max-prefill-tokens", "32", "--kv-cache-memory", "1MiB", "--no-cuda-graphs"]
+        )
+    )
+    assert (config.max_num_seqs, config.max_prefill_tokens, config.kv_cache_memory) == (3, 32, 1 << 20)
+    assert config.cuda_graphs is False
+    with pytest.raises(InvalidRequestError, match="--max-prefill-tokens: max_prefill_tokens must be at least 1"):
+        engine_config_from_args(parser.parse_args(["--max-prefill-tokens", "0"]))
+
+
+def test_every_engine_field_reaches_the_engine_from_each_front_end(tokenizer, tmp_path):
+    """LLM(...), serve's settings and the generate/chat flags name every EngineConfig field, and the built
+    engine runs with what they set (max_prefill_tokens included)."""
+    import argparse
+    import dataclasses
+
+    from engine.cli.args import add_model_arguments
+    from engine.config import EngineConfig
+    from server import settings as server_settings
+
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    cli = argparse.ArgumentParser()
+    add_model_arguments(cli)
+    # every engine field has a flag (--compile for compile_model); max_queue bounds waiting requests: serve only
+    assert fields - {"compile_model", "max_queue"} <= set(vars(cli.parse_args([])))
+    assert fields - {"compile_model"} <= set(server_settings.OPTIONS) | {"model", "tokenizer"}
+    settings = server_settings.Settings(max_prefill_tokens=24, cuda_graphs=False)
+    server_settings.validate(settings)
+    from_serve = EngineConfig.from_fields(dataclasses.asdict(settings), compile_model=settings.compile)
+    assert (from_serve.max_prefill_tokens, from_serve.cuda_graphs, from_serve.max_num_seqs) == (24, False, 64)
+
+    llm = make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_prefill_tokens=24, max_num_seqs=3)
+    assert llm.engine.scheduler.max_prefill_tokens == 24 and llm.engine.max_num_seqs == 3
+    # three 10-token prompts: the budget of 24 admits two in the first prefill, the third in the next step
+    ids = [list(range(5, 15))] * 3
+    for i, prompt in enumerate(ids):
+        llm.engine.add_request(str(i), prompt, SamplingParams(max_tokens=1, temperature=0))
+    kind, first = llm.engine.scheduler.schedule()
+    assert kind == "prefill" and len(first) == 2
+    with pytest.raises(TypeError, match="max_prefil_tokens"):
+        make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_prefil_tokens=24)

@@ -1,4 +1,4 @@
-"""GGUF import: a tiny llama GGUF written by engine/gguf_export.py (as llama.cpp lays it out) loads through
+"""GGUF import: a tiny llama GGUF written by models/gguf_export.py (as llama.cpp lays it out) loads through
 load_model with the source model's logits; the shipped SmolLM2 GGUF is covered by a slow test."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.convert import convert
-from engine.errors import CheckpointError
-from engine.gguf_export import write_gguf
-from engine.loader import load_model
+from models.convert import convert
+from models.errors import CheckpointError
+from models.gguf_export import write_gguf
+from models.loader import load_model
 from tests.conftest import tiny_model
 from tests.test_loader import IDS, logits, randomize
 
@@ -85,7 +85,7 @@ def test_gguf_magic_detected_without_suffix(tmp_path, tokenizer):
 @pytest.mark.slow
 def test_shipped_smollm2_gguf_matches_transformers_and_answers(tmp_path, monkeypatch):
     """The default model: our import equals transformers' own GGUF reading, and it answers a simple question."""
-    from engine.default_model import default_gguf_path, default_model_path
+    from models.default_model import default_gguf_path, default_model_path
 
     gguf_path = default_gguf_path()
     ours, tokenizer = load_model(gguf_path)

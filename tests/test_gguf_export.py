@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine.errors import CheckpointError
-from engine.loader import load_model
 from minimind.cli import main
+from models.errors import CheckpointError
+from models.loader import load_model
 from tests.conftest import tiny_model
 from tests.test_loader import IDS, logits, randomize
 
@@ -99,7 +99,7 @@ def test_gguf_refuses_moe_and_unknown_quant(tmp_path, upstream_fixtures, capsys)
     assert main(["convert", str(src), str(tmp_path / "moe.gguf"), "--to", "gguf"]) == 1
     assert "GGUF export covers dense Llama/Qwen2/Qwen3 layouts only" in capsys.readouterr().err
     assert not (tmp_path / "moe.gguf").exists()
-    from engine.gguf_export import write_gguf
+    from models.gguf_export import write_gguf
 
     with pytest.raises(CheckpointError, match="q4_k_m.*llama-quantize"):
         write_gguf(tmp_path / "x.gguf", moe.config, moe.state_dict(), None, quant="q4_k_m")

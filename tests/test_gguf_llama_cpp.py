@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine.convert import convert
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from models.convert import convert
 from tests.conftest import tiny_model
 from tests.test_loader import randomize
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.errors import CheckpointError
-from engine.loader import load_model, load_tokenizer
+from models.errors import CheckpointError
+from models.loader import load_model, load_tokenizer
 from tests.conftest import tiny_model
 
 GENERATIONS = ["minimind2-dense", "minimind3-dense"]
@@ -311,19 +311,19 @@ def test_config_values_and_divisibility(upstream_fixtures, tmp_path, changes, me
 
 def test_more_layers_than_the_weights_fail_before_the_model_is_built(upstream_fixtures, tmp_path, monkeypatch):
     """num_hidden_layers: 1000000 with two layers of weights: refused from the weights' keys; no layer is built."""
-    import engine.model
+    import models.model
 
     our_dir(tmp_path, upstream_fixtures)
     edit_config(tmp_path, num_hidden_layers=1000000)
     built = []
-    original = engine.model.DecoderLayer.__init__
+    original = models.model.DecoderLayer.__init__
 
     def counting(self, config, layer_idx):
         built.append(layer_idx)
         assert len(built) <= 100, "the model is being built layer by layer"
         original(self, config, layer_idx)
 
-    monkeypatch.setattr(engine.model.DecoderLayer, "__init__", counting)
+    monkeypatch.setattr(models.model.DecoderLayer, "__init__", counting)
     with pytest.raises(CheckpointError) as err:
         load_model(tmp_path)
     assert str(err.value) == (
@@ -374,7 +374,7 @@ def test_a_directory_without_config_json_is_not_a_model_directory(tmp_path):
     ],
 )
 def test_upstream_moe_pth(upstream_fixtures, tmp_path, upstream_config, overrides, target):
-    from engine.convert import convert
+    from models.convert import convert
 
     moe = {k: v for k, v in upstream_config.items() if k in ("num_experts_per_tok", "n_shared_experts")}
     moe["n_routed_experts"] = 4

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.config import MiniMindConfig
-from engine.model import MiniMindForCausalLM, fuse_projections
-from engine.presets import PRESETS, preset_config
+from models.config import MiniMindConfig
+from models.fusion import FusedLinear
+from models.model import MiniMindForCausalLM
+from models.presets import PRESETS, preset_config
 from tests.conftest import tiny_model
 
 EXPECTED_MILLIONS = {
@@ -170,23 +171,33 @@ def test_bad_head_config_is_refused():
     "overrides",
     [{"attention_bias": True, "qk_norm": True}, {"use_moe": True, "n_shared_experts": 1}],
 )
-def test_fused_projections_give_the_same_logits_and_keep_the_parameters(overrides):
+def test_fused_projections_give_the_same_logits_and_keep_the_checkpoint_names(overrides):
     model = tiny_model(**overrides)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    count = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, 6400, (2, 12))
     with torch.no_grad():
         separate = model(ids).logits
-        fuse_projections(model)
+        model.fuse()
         fused = model(ids).logits
-    assert all(layer.self_attn.fused_qkv is not None for layer in model.model.layers)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, FusedLinear) and not hasattr(attn, "q_proj")
+    assert all(isinstance(p, torch.nn.Parameter) for p in attn.qkv_proj.parameters())  # real, moved by .to()
+    assert sum(p.numel() for p in model.parameters()) == count  # one copy of the weights, not two
     assert torch.allclose(separate, fused, atol=1e-5)
-    after = model.state_dict()
+    after = model.state_dict()  # saved under the separate names, as checkpoints and PEFT know them
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
-    # the separate weights are views of the fused ones: no second copy in memory
-    attn = model.model.layers[0].self_attn
-    assert attn.k_proj.weight.data_ptr() == attn.fused_qkv[0][attn.q_proj.out_features :].data_ptr()
-    # a fused model put back into training still trains its own parameters
+    # a checkpoint with the separate names loads into a fused model
+    other = tiny_model(seed=1, **overrides).fuse()
+    other.load_state_dict(before)
+    with torch.no_grad():
+        assert torch.allclose(other(ids).logits, separate, atol=1e-5)
+    # unfused again for training: the separate parameters, same values, and they train
+    model.unfuse()
+    assert not hasattr(model.model.layers[0].self_attn, "qkv_proj")
+    assert all(torch.equal(model.state_dict()[name], before[name]) for name in before)
     model.train()
     model(ids).logits.sum().backward()
+    attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0

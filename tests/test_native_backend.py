@@ -99,6 +99,6 @@ def test_embeddings_run_in_chunks_between_decode_steps_and_equal_one_forward_pas
     assert tokens_during >= len(prompts)  # decode steps ran between the chunks, not after the whole batch
     with torch.inference_mode():
         for prompt, vector in zip(prompts, vectors):
-            hidden = backend.llm.model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+            hidden = backend.core.model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
             want = torch.nn.functional.normalize(hidden.float().mean(0), dim=-1)
             assert torch.allclose(torch.tensor(vector), want, atol=1e-5)

@@ -92,8 +92,9 @@ SPELLINGS = {
 
 @pytest.mark.parametrize("spelling", sorted(SPELLINGS))
 def test_every_dtype_flag_takes_the_usual_spellings(spelling):
-    from engine import cli_args, convert_cli
-    from engine.loader import resolve_dtype
+    from engine.cli import args as cli_args
+    from models.cli import convert as convert_cli
+    from models.loader import resolve_dtype
     from server import settings as server_settings
     from training.config import TrainConfig
     from training.setup import precision
@@ -111,8 +112,8 @@ def test_every_dtype_flag_takes_the_usual_spellings(spelling):
 
 
 def test_an_unknown_dtype_is_refused_with_the_accepted_spellings():
-    from engine.errors import CheckpointError
-    from engine.loader import resolve_dtype
+    from models.errors import CheckpointError
+    from models.loader import resolve_dtype
     from server import settings as server_settings
     from training.config import TrainConfig
     from training.errors import TrainingError

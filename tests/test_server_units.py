@@ -206,7 +206,7 @@ def test_vllm_backend_embeddings_match_the_native_pooling(tmp_path):
     from transformers import AutoModel
 
     from engine.backends.vllm import hf_embeddings
-    from engine.convert import convert
+    from models.convert import convert
     from tests.conftest import UPSTREAM_FIXTURES, tiny_model
 
     model = tiny_model(seed=3)

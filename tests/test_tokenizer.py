@@ -8,8 +8,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from engine.tokenizer import TAG_TOKENS, TokenizerDataError, iter_texts, save_tokenizer, train_tokenizer
 from minimind.cli import main
+from models.tokenizer import TAG_TOKENS, TokenizerDataError, iter_texts, save_tokenizer, train_tokenizer
 
 ZH = "天地玄黄宇宙洪荒日月盈昃辰宿列张我们今天学习语言模型的训练方法你好世界"
 EN = "the quick brown fox jumps over lazy dog language model training data tokenizer".split()

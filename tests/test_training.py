@@ -75,8 +75,8 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, sft_data):
 def test_final_hf_directory_loads_in_engine_and_transformers(tmp_path, pretrain_data):
     from transformers import AutoModelForCausalLM
 
-    import engine  # noqa: F401  (registers the minimind model type with transformers)
-    from engine.loader import load_model
+    import models  # noqa: F401  (registers the minimind model type with transformers)
+    from models.loader import load_model
 
     run = train(tmp_path, data_path=str(pretrain_data), max_steps=2)
     final = run / "final"
@@ -98,7 +98,7 @@ def test_final_hf_directory_loads_in_engine_and_transformers(tmp_path, pretrain_
 
 def test_save_format_pth_writes_the_upstream_layout(tmp_path, upstream_fixtures):
     """--save-format pth: a flat fp16 state dict with upstream's keys (lm_head included), loadable as upstream's."""
-    from engine.loader import load_model
+    from models.loader import load_model
 
     fixture = upstream_fixtures / "minimind2-dense"
     upstream = torch.load(fixture / "model.pth", map_location="cpu", weights_only=True)
@@ -127,7 +127,7 @@ def test_save_format_pth_writes_the_upstream_layout(tmp_path, upstream_fixtures)
 
 
 def test_configs_directory_presets_all_load():
-    from engine.presets import PRESETS
+    from models.presets import PRESETS
 
     files = sorted((ROOT / "configs").glob("*.yaml"))
     names = {f.stem for f in files}

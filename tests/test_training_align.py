@@ -44,7 +44,7 @@ def load_pair(folder: Path, seed: int):
     (so that rewards are not all zero)."""
     from transformers import AutoModelForCausalLM
 
-    import engine  # noqa: F401  (registers the minimind model type)
+    import models  # noqa: F401  (registers the minimind model type)
 
     reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     policy = AutoModelForCausalLM.from_pretrained(str(folder))
@@ -262,8 +262,8 @@ def test_distillation_lowers_the_kl_to_the_teacher(tmp_path, base):
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
-    from engine.config import MiniMindConfig
-    from engine.model import MiniMindForCausalLM
+    from models.config import MiniMindConfig
+    from models.model import MiniMindForCausalLM
 
     other = tmp_path / "teacher"
     MiniMindForCausalLM(MiniMindConfig(vocab_size=400, **TINY_MODEL)).save_pretrained(str(other))

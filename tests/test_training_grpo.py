@@ -164,8 +164,8 @@ def test_rule_rewards_and_a_user_function_compose_with_weights():
 
 @pytest.fixture()
 def policy():
-    from engine.loader import load_tokenizer
-    from engine.model import MiniMindForCausalLM
+    from models.loader import load_tokenizer
+    from models.model import MiniMindForCausalLM
     from training.config import TrainConfig
     from training.setup import build_model
 

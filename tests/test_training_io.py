@@ -108,7 +108,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_partial
 def test_a_full_disk_while_saving_the_final_model_is_one_line(tmp_path, data, monkeypatch):
     import safetensors
 
-    from engine.model import MiniMindForCausalLM
+    from models.model import MiniMindForCausalLM
 
     def full(self, folder, **kwargs):  # a partial file, then what safetensors raises when the disk is full
         Path(folder).mkdir(parents=True, exist_ok=True)

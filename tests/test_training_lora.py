@@ -63,8 +63,8 @@ def test_peft_loads_the_adapter_and_every_merge_agrees(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import engine  # noqa: F401  (registers the minimind model type)
-    from engine.loader import load_model
+    import models  # noqa: F401  (registers the minimind model type)
+    from models.loader import load_model
 
     base, run = lora_run
     adapter = run / "final"

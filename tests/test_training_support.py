@@ -49,7 +49,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 @functools.cache
 def tokenizer_dir() -> Path:
     """A 320-token byte-level BPE tokenizer with the project's ChatML template, trained once per session."""
-    from engine.tokenizer import save_tokenizer, train_tokenizer
+    from models.tokenizer import save_tokenizer, train_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="minimind-train-tok-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)

@@ -133,8 +133,8 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The trainer state of a step checkpoint, read without running code (weights_only): a file holding
     anything but tensors, numbers, strings and containers is refused."""
-    from engine.checkpoint import load_plain
-    from engine.errors import CheckpointError
+    from models.checkpoint import load_plain
+    from models.errors import CheckpointError
 
     file = path / "trainer_state.pt"
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from engine.dtypes import DTYPE_ALIASES, DTYPE_HELP
+from models.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
@@ -42,7 +42,7 @@ class TrainConfig:
         "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags), grpo (RL from rewards on sampled "
         "completions)",
     )
-    preset: str = _f("minimind2-small", "model shape from engine/presets.py, used when init_from is empty")
+    preset: str = _f("minimind2-small", "model shape from models/presets.py, used when init_from is empty")
     model_config: dict = _f({}, "overrides of the preset's config fields, e.g. {hidden_size: 256} (YAML/JSON mapping)")
     init_from: str = _f(
         "", "start from these weights: a Hugging Face directory (e.g. a pretrain run's final/) or upstream .pth"

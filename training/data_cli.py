@@ -89,7 +89,7 @@ def add_distill_arguments(sub: Any) -> None:
         help=f"local teacher: {DTYPE_HELP}",
     )
     distill.add_argument("--tokenizer", default=None, help="local teacher: tokenizer directory when not beside it")
-    from engine.cli_args import add_thinking_arguments
+    from engine.cli.args import add_thinking_arguments
 
     add_thinking_arguments(distill)
 

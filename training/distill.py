@@ -27,8 +27,8 @@ log = logging.getLogger("minimind.train")
 
 def load_teacher(cfg: TrainConfig, context: StageContext) -> nn.Module:
     """The teacher on the student's device, frozen; refused when its vocabulary differs from the student's."""
-    from engine.errors import CheckpointError
-    from engine.loader import build_model, load_tokenizer, read_checkpoint
+    from models.errors import CheckpointError
+    from models.loader import build_model, load_tokenizer, read_checkpoint
 
     source = Path(cfg.teacher).expanduser()
     try:

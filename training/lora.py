@@ -3,7 +3,7 @@
 Written here (not PEFT's injection) so the trained module tree stays our own model's: the trainer, FSDP and
 torch.compile see plain nn.Linear sub-modules, and every linear layer (q, k, v, o, gate, up, down; square or
 not) can be targeted. The files written are PEFT's, so `peft.PeftModel.from_pretrained(base, dir)` loads them
-and `engine.lora.merge_lora_adapter` merges them.
+and `models.lora.merge_lora_adapter` merges them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.lora import PEFT_PREFIX
+from models.lora import PEFT_PREFIX
 from training.errors import TrainingError
 
 

@@ -1,9 +1,9 @@
 """Rollouts for the RL stages on the native engine (engine/llm.py), over the policy's own parameters.
 
 The engine is built once around the trainer's model object: no second copy, no reload. Every optimizer step
-updates the parameters in place, so the next rollout samples from the new policy by construction (on the CPU
-the engine keeps no transposed weight copies for a model object; on a GPU the fused q/k/v and gate/up weights
-are the parameters' own storage, see engine/model.py fuse_projections). The KV cache is preallocated once and
+updates the parameters in place, so the next rollout samples from the new policy by construction (the engine
+neither fuses projections nor keeps transposed weight copies of a model object it is handed: that is done only to
+a copy it loaded itself, see models/fusion.py). The KV cache is preallocated once and
 sized by `rollout_kv_cache_mb`; requests beyond it wait their turn (continuous batching).
 
 Sampling uses the serving SamplingParams (temperature, top-p, max tokens, stop strings), one seeded request of

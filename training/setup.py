@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.dtypes import dtype_name
+from models.dtypes import dtype_name
 from training.config import TrainConfig
 from training.errors import TrainingError
 
@@ -48,11 +48,11 @@ def precision(dtype: str, device: torch.device) -> tuple[torch.dtype | None, boo
 
 
 def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
-    """Weights from init_from (any checkpoint engine.loader reads) or a fresh preset-shaped model (seeded)."""
-    from engine.model import MiniMindForCausalLM
+    """Weights from init_from (any checkpoint models.loader reads) or a fresh preset-shaped model (seeded)."""
+    from models.model import MiniMindForCausalLM
 
     if cfg.init_from:
-        from engine.loader import load_model
+        from models.loader import load_model
 
         source = Path(cfg.init_from).expanduser()
         shaped = source.is_file() and source.suffix == ".pth"
@@ -65,7 +65,7 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
             elif hasattr(module, "dropout") and isinstance(module.dropout, float):
                 module.dropout = cfg.dropout
         return model.train()
-    from engine.presets import preset_config
+    from models.presets import preset_config
 
     overrides = {"dropout": cfg.dropout, **cfg.model_config}
     if len(tokenizer) > overrides.get("vocab_size", 0):

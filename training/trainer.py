@@ -91,7 +91,7 @@ class Trainer:
             dist.barrier(group=self.data_group)
 
     def setup(self) -> None:
-        from engine.loader import load_tokenizer
+        from models.loader import load_tokenizer
 
         cfg = self.cfg
         random.seed(cfg.seed)
@@ -362,7 +362,7 @@ class Trainer:
         model_state, _ = self.full_state()
         if self.is_main:
             model_state = {key: value.detach().cpu().clone() for key, value in model_state.items()}
-            from engine.model import MiniMindForCausalLM
+            from models.model import MiniMindForCausalLM
 
             with torch.device("meta"):
                 final = self.stage.prepare_model(MiniMindForCausalLM(self.config), self.cfg)

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.backend import CompletionDelta, EngineStats, ModelInfo, merge_deltas
+from engine.build import build_engine
+from engine.config import EngineConfig
 from engine.errors import EngineError, EngineShutdownError, PromptTooLongError
-from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 GIL_SWITCH_INTERVAL_S = 0.0001  # see the module docstring
@@ -47,23 +48,23 @@ class NativeBackend:
         model: Any = None,
         *,
         served_model_name: str | None = None,
-        max_queue: int | None = 1024,
-        **llm_kwargs: Any,
+        config: EngineConfig | None = None,
+        **fields: Any,
     ) -> None:
-        """`model` and `llm_kwargs` are `engine.llm.LLM`'s arguments (dtype, device, max_model_len, max_num_seqs,
-        draft_model, num_speculative_tokens, lora, tokenizer, cuda_graphs); `max_queue` bounds waiting sequences
-        (more gives QueueFullError, HTTP 429)."""
-        self.llm = LLM(model, max_queue=max_queue, **llm_kwargs)
-        self.core = self.llm.engine
-        self.tokenizer = self.llm.tokenizer
-        param = next(self.llm.model.parameters())
-        path = str(model) if isinstance(model, (str, Path)) else ""
+        """`model` and `fields` are `EngineConfig`'s fields (engine/config.py), or pass a whole `config`;
+        `max_queue` (sequences that may wait, more give QueueFullError, HTTP 429) defaults to 1024 here."""
+        if config is None:
+            config = EngineConfig(model=model, **{"max_queue": 1024, **fields})
+        self.core = build_engine(config)
+        self.tokenizer = self.core.tokenizer
+        param = next(self.core.model.parameters())
+        path = str(config.model) if isinstance(config.model, (str, Path)) else ""
         extra: dict[str, Any] = {
             "kv_cache_slots": self.core.cache.num_slots,  # the most sequences that run at once
             "kv_cache_bytes": self.core.kv_cache_budget,
             "kv_cache_bytes_per_seq": self.core.kv_bytes_per_seq,
             "max_num_seqs": self.core.max_num_seqs,
-            "max_queue_seqs": max_queue,  # sequences (n per request) that may wait for a slot
+            "max_queue_seqs": config.max_queue,  # sequences (n per request) that may wait for a slot
         }
         if self.core.spec is not None:
             extra["num_speculative_tokens"] = self.core.spec.k
@@ -71,7 +72,7 @@ class NativeBackend:
             name=served_model_name or (path.rstrip("/").split("/")[-1] if path else "minimind"),
             path=path,
             max_model_len=self.core.max_model_len,
-            vocab_size=self.llm.model.config.vocab_size,
+            vocab_size=self.core.model.config.vocab_size,
             backend="native",
             device=str(param.device),
             dtype=str(param.dtype).replace("torch.", ""),
@@ -96,14 +97,22 @@ class NativeBackend:
         if self.core.runner.compiled is not None:
             # Compile now, not in the first client's request (about a minute on a GPU): later batch sizes
             # reuse this compilation.
-            warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-            await asyncio.to_thread(self.llm.generate, ["warm-up", "warm-up"], warm_up)
+            await asyncio.to_thread(self._warm_up)
         self._loop = asyncio.get_running_loop()
         self._saved_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._stop, self._accepting = False, True
         self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """Two short greedy requests through the compiled step (batch buckets start at 2 when compiled)."""
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        _, ids = self.core.encode("warm-up")
+        for i in range(2):
+            self.core.add_request(f"warm-up-{i}", ids, params)
+        while self.core.has_work():
+            self.core.step()
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop admitting, let running requests finish for up to drain_timeout seconds, then end the rest with
@@ -217,7 +226,7 @@ class NativeBackend:
             raise EngineShutdownError("the engine is not running (not started, or shutting down): retry later")
         if request_id in self._queues:
             raise EngineError(f"request id {request_id!r} is already running; use a unique id")
-        text, ids = self.llm.encode(prompt)
+        text, ids = self.core.encode(prompt)
         stream: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = stream
         try:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.backend import CompletionDelta, EngineStats, ModelInfo, TokenLogprob
-from engine.dtypes import LONG_NAMES, dtype_name
 from engine.errors import EngineError, EngineShutdownError, InvalidRequestError, PromptTooLongError, QueueFullError
 from engine.sampling_params import SamplingParams
+from models.dtypes import LONG_NAMES, dtype_name
 
 
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import MiniMindConfig, default_intermediate_size
+from models.config import MiniMindConfig, default_intermediate_size
 
 _MINIMIND2 = dict(vocab_size=6400, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768, qk_norm=False)
 _MINIMIND3 = dict(vocab_size=6400, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, qk_norm=True)

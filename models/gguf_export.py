@@ -2,7 +2,7 @@
 tensor names and layout, the BPE tokenizer, the chat template, and rope/norm metadata, with the `gguf` package.
 
 The architecture is the one of llama, qwen3, qwen2 that represents the model exactly (the rules of
-engine/export.py). For `llama`, q/k rows are permuted as llama.cpp's convert_hf_to_gguf.py does (llama.cpp
+models/export.py). For `llama`, q/k rows are permuted as llama.cpp's convert_hf_to_gguf.py does (llama.cpp
 applies RoPE to interleaved pairs there; Qwen architectures use the halves layout and are written as they are).
 
 Quantisation is what `gguf.quants` can compute: f32, f16, q8_0, q4_0 (llama.cpp's K-quants such as q4_k_m are not
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import MiniMindConfig
-from engine.errors import CheckpointError
-from engine.export import target_problems
+from models.config import MiniMindConfig
+from models.errors import CheckpointError
+from models.export import target_problems
 
 GGUF_ARCHS = ("llama", "qwen3", "qwen2")
 QUANTS = ("f32", "f16", "q8_0", "q4_0")

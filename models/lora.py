@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.errors import CheckpointError
+from models.errors import CheckpointError
 
 PEFT_PREFIX = "base_model.model."
 

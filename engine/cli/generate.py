@@ -11,12 +11,12 @@ import json
 import sys
 import time
 
-from engine.cli_args import (
+from engine.cli.args import (
     add_model_arguments,
     add_sampling_arguments,
     add_thinking_arguments,
     chat_template_kwargs_from_args,
-    llm_kwargs_from_args,
+    engine_config_from_args,
     sampling_params_from_args,
 )
 from engine.errors import InvalidRequestError
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.llm import LLM
 
-    llm = LLM(args.model, **llm_kwargs_from_args(args))
+    llm = LLM(config=engine_config_from_args(args))
     if args.json or args.n > 1:
         return print_outputs(llm, args, prompt, params, template_kwargs)
     return stream_output(llm, prompt, params, template_kwargs)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import MiniMindConfig
-from engine.errors import CheckpointError
+from models.config import MiniMindConfig
+from models.errors import CheckpointError
 
 
 def upstream_problems(config: MiniMindConfig) -> list[str]:

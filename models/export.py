@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from engine.config import MiniMindConfig
-from engine.errors import CheckpointError
+from models.config import MiniMindConfig
+from models.errors import CheckpointError
 
 TARGETS = ("minimind", "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # `auto` takes the first target, in this order, that represents the model exactly in plain transformers.

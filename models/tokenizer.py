@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from minimind.errors import MiniMindError
+from models.errors import ModelError
 
 CORE_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
@@ -22,7 +22,7 @@ NUM_RESERVED = 18  # ids 3..20, like minimind-3's layout (tags then start at 21)
 CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
 
 
-class TokenizerDataError(MiniMindError):
+class TokenizerDataError(ModelError):
     """Training data the tokenizer trainer cannot read; the message names the file and line."""
 
 

@@ -25,7 +25,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.config import MiniMindConfig
+from models.config import MiniMindConfig
+from models.fusion import FusableProjections, fuse, unfuse
 
 # transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.2x); generate()
 # passes whichever its version uses, so the forward passes accept both and outputs use the installed name.
@@ -104,7 +105,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-class Attention(nn.Module):
+class Attention(FusableProjections):
+    fused_name, part_names = "qkv_proj", ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, config: MiniMindConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -121,8 +124,6 @@ class Attention(nn.Module):
             self.k_norm = MiniMindRMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
-        # (weight, bias) of q, k and v in one GEMM; set by fuse_projections() for GPU inference, None otherwise
-        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(
         self,
@@ -134,11 +135,7 @@ class Attention(nn.Module):
         kv_cache: EngineKVCache | None,
     ) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
-        if self.fused_qkv is not None and not self.training:  # training needs the parameters' own graph
-            kv_width = self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, *self.fused_qkv).split([self.num_heads * self.head_dim, kv_width, kv_width], -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         q = q.view(bsz, seq_len, self.num_heads, self.head_dim)
         k = k.view(bsz, seq_len, self.num_kv_heads, self.head_dim)
         v = v.view(bsz, seq_len, self.num_kv_heads, self.head_dim)
@@ -170,21 +167,20 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-class FeedForward(nn.Module):
+class FeedForward(FusableProjections):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    fused_name, part_names = "gate_up_proj", ("gate_proj", "up_proj")
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.fused_gate_up: torch.Tensor | None = None  # gate and up in one GEMM, see fuse_projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None and not self.training:
-            gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):
@@ -247,34 +243,6 @@ class DecoderLayer(nn.Module):
         if isinstance(mlp_out, tuple):
             return x + mlp_out[0], mlp_out[1]
         return x + mlp_out, None
-
-
-def fuse_projections(model: nn.Module) -> None:
-    """GPU inference: one GEMM for q/k/v and one for gate/up in every layer, instead of three and two.
-
-    A small model's decode step is bound by the number of kernels it launches (docs/engine.md), and a GEMM of the
-    concatenated weights costs about what one of its parts does. The separate weights become views into the
-    fused ones, so no memory is added and the modules keep the parameters checkpoints name.
-    """
-    for module in model.modules():
-        if isinstance(module, Attention) and module.fused_qkv is None:
-            module.fused_qkv = _concat_rows([module.q_proj, module.k_proj, module.v_proj])
-        elif isinstance(module, FeedForward) and module.fused_gate_up is None:
-            module.fused_gate_up, _ = _concat_rows([module.gate_proj, module.up_proj])
-
-
-@torch.no_grad()
-def _concat_rows(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
-    start = 0
-    for linear in linears:
-        rows = linear.out_features
-        linear.weight.data = weight[start : start + rows]
-        if bias is not None:
-            linear.bias.data = bias[start : start + rows]
-        start += rows
-    return weight, bias
 
 
 class MiniMindPreTrainedModel(PreTrainedModel):
@@ -374,6 +342,15 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         self.model = MiniMindModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def fuse(self) -> MiniMindForCausalLM:
+        """q/k/v and gate/up as one GEMM each, in place (inference; see models/fusion.py). state_dict() keeps
+        the separate names."""
+        return fuse(self)
+
+    def unfuse(self) -> MiniMindForCausalLM:
+        """The separate projections again (for training, PEFT), with the same values."""
+        return unfuse(self)
 
     def forward(
         self,

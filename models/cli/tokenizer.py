@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engine.tokenizer import TokenizerDataError, save_tokenizer, train_tokenizer
+    from models.tokenizer import TokenizerDataError, save_tokenizer, train_tokenizer
 
     out = Path(args.out)
     if (out / "tokenizer.json").exists() and not args.force:

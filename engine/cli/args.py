@@ -1,14 +1,16 @@
-"""Command-line flags shared by `minimind generate` and `minimind chat`: one definition of the model-loading
-and sampling flags, and the functions that turn them into `LLM(...)` arguments and a `SamplingParams`."""
+"""Command-line flags shared by `minimind generate` and `minimind chat`: one definition of the model and engine
+flags and of the sampling flags, and the functions that turn them into an `EngineConfig` and a `SamplingParams`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
+from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from minimind.sizes import byte_size
+from models.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 # SamplingParams field -> flag name, to point error messages at the flag the user typed.
 _FLAG_OF = {
@@ -26,7 +28,9 @@ _FLAG_OF = {
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --lora, --draft-model, --num-speculative-tokens, --device, --dtype, --max-model-len, --compile."""
+    """--model, --tokenizer, --lora, --draft-model, --num-speculative-tokens, --device, --dtype, --max-model-len,
+    --compile, and the engine's capacity flags (--max-num-seqs, --max-prefill-tokens, --kv-cache-memory,
+    --no-cuda-graphs)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -70,26 +74,48 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPU: run decode steps through torch.compile (about 2x faster at small batch sizes; the first "
         "decode step waits 30-60 s while it compiles)",
     )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=EngineConfig.max_num_seqs,
+        help=f"most sequences decoded together, e.g. the -n completions (default: {EngineConfig.max_num_seqs})",
+    )
+    engine.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=EngineConfig.max_prefill_tokens,
+        help="most prompt tokens admitted into one prefill step; a longer prompt still runs, alone "
+        f"(default: {EngineConfig.max_prefill_tokens})",
+    )
+    engine.add_argument(
+        "--kv-cache-memory",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many sequences run at once "
+        "(default: half the free GPU memory, or 2GiB on the CPU)",
+    )
+    engine.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GPU: replay decode steps as CUDA graphs; --no-cuda-graphs runs them eagerly, for debugging (default: on)",
+    )
 
 
-def llm_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for `engine.llm.LLM` from the flags of `add_model_arguments`."""
-    if args.num_speculative_tokens < 1:
-        raise InvalidRequestError(
-            f"--num-speculative-tokens must be at least 1, got {args.num_speculative_tokens}",
-            param="num_speculative_tokens",
-        )
-    kwargs: dict[str, Any] = {
-        "device": args.device,
-        "dtype": None if args.dtype in (None, "auto") else args.dtype,
-        "max_model_len": args.max_model_len,
-        "lora": args.lora,
-        "tokenizer": args.tokenizer,
-        "draft_model": args.draft_model,
-        "num_speculative_tokens": args.num_speculative_tokens,
-        "compile_model": getattr(args, "compile", False),
-    }
-    return kwargs
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The one mapping of these flags to engine fields (same names, but --compile and --dtype auto)."""
+    config = EngineConfig.from_fields(
+        vars(args),
+        dtype=None if args.dtype in (None, "auto") else args.dtype,
+        compile_model=getattr(args, "compile", False),
+    )
+    try:
+        config.validate()
+    except InvalidRequestError as err:
+        raise InvalidRequestError(f"--{err.param.replace('_', '-')}: {err}", param=err.param) from None
+    return config
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:

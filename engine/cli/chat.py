@@ -11,12 +11,12 @@ import argparse
 import sys
 from typing import Any
 
-from engine.cli_args import (
+from engine.cli.args import (
     add_model_arguments,
     add_sampling_arguments,
     add_thinking_arguments,
     chat_template_kwargs_from_args,
-    llm_kwargs_from_args,
+    engine_config_from_args,
     sampling_params_from_args,
 )
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.llm import LLM
 
-    llm = LLM(args.model, **llm_kwargs_from_args(args))
+    llm = LLM(config=engine_config_from_args(args))
     chat = Chat(llm, params, args.system, template_kwargs, console)
     if not sys.stdin.isatty():
         return repl(chat, read_line=_read_piped_line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
+from models.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 EPILOG = """\
 SRC kinds: an upstream MiniMind .pth (with --preset and/or --config), a Hugging Face directory of
@@ -20,8 +20,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from engine.export import TARGETS
-    from engine.presets import PRESETS
+    from models.export import TARGETS
+    from models.presets import PRESETS
 
     parser.epilog = EPILOG
     parser.add_argument(
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.convert import convert
+    from models.convert import convert
 
     out, target = convert(
         args.src,

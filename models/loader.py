@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import (
+from models.checkpoint import (
     HF_MODEL_TYPES,
     check_config_fits_weights,
     check_state_dict,
@@ -25,10 +25,10 @@ from engine.checkpoint import (
     read_torch_file,
     state_dict_from_hf,
 )
-from engine.config import MiniMindConfig, field_error
-from engine.dtypes import dtype_name
-from engine.errors import CheckpointError
-from engine.model import MiniMindForCausalLM
+from models.config import MiniMindConfig, field_error
+from models.dtypes import dtype_name
+from models.errors import CheckpointError
+from models.model import MiniMindForCausalLM
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -80,7 +80,7 @@ def load_model(
     target = resolve_dtype(dtype, device) or stored_dtype(state)
     model = model.to(device=device, dtype=target).eval()
     if lora is not None:
-        from engine.lora import merge_lora_adapter
+        from models.lora import merge_lora_adapter
 
         model = merge_lora_adapter(model, lora)
     return model, load_tokenizer(tokenizer or tok_dir, gguf_file=None if tokenizer else gguf)
@@ -219,7 +219,7 @@ def _read_pth(
     state = read_torch_file(path)
     fields: dict[str, Any] = {}
     if preset:
-        from engine.presets import PRESETS
+        from models.presets import PRESETS
 
         if preset not in PRESETS:
             raise CheckpointError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")

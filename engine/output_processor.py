@@ -1,0 +1,109 @@
+"""`OutputProcessor`: commits sampled tokens to their sequences and turns them into `CompletionDelta`s.
+
+Per token: the incremental detokenizer adds its text (and drops tokens after a stop string or EOS), the context
+window may end the sequence, a finished sequence gives its cache slot back (through the scheduler) at once, and
+the logprobs the request asked for are attached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.backend import CompletionDelta, TokenLogprob
+from engine.sampling import SamplerOutput
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, scheduler: Scheduler) -> None:
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+
+    def commit(self, seqs: list[Sequence], out: SamplerOutput, prefill: bool) -> list[CompletionDelta]:
+        """Append one sampled token per sequence (out is on the host); dropped for sequences finished meanwhile."""
+        token_ids = out.token_ids.tolist()
+        deltas = []
+        for row, (seq, token) in enumerate(zip(seqs, token_ids)):
+            seq.num_pending -= 1
+            if seq.status is SequenceStatus.FINISHED:  # stopped or aborted after this step was launched
+                continue
+            if prefill and seq.params.max_tokens == 0:  # prompt logprobs only
+                seq.detok.finish("length")
+                self.scheduler.finish(seq, "length")
+                deltas.append(self.delta(seq, [], "", None))
+                continue
+            logprob = None if out.logprobs is None else self._logprob(out, row, token, seq.params.logprobs)
+            deltas.append(self.append(seq, [token], [logprob]))
+        return deltas
+
+    def append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> CompletionDelta:
+        """Append tokens to a sequence (the detokenizer drops any after a stop), finishing it when it ends."""
+        detok = seq.detok
+        before = len(seq.output_token_ids)
+        text = detok.add_tokens(tokens)
+        kept = detok.token_ids[before:]
+        # The context window can also end it (the detokenizer only knows max_tokens).
+        room = seq.max_total_len - len(seq.prompt_token_ids) - before
+        if len(kept) >= room and detok.finish_reason is None:
+            kept = kept[:room]
+            text += detok.finish("length")
+        seq.output_token_ids.extend(kept)
+        if detok.finish_reason is not None:
+            self.scheduler.finish(seq, detok.finish_reason, detok.stop_reason)
+        if seq.params.logprobs is None:
+            return self.delta(seq, kept, text, None)
+        kept_logprobs = [lp for lp in logprobs[: len(kept)] if lp is not None]
+        seq.cumulative_logprob += sum(lp.logprob for lp in kept_logprobs)
+        seq.logprobs = (seq.logprobs or []) + kept_logprobs
+        return self.delta(seq, kept, text, kept_logprobs)
+
+    def aborted(self, seq: Sequence) -> CompletionDelta:
+        """The final delta of a sequence the scheduler has just aborted."""
+        return self.delta(seq, [], seq.detok.finish("abort"), None)
+
+    def delta(self, seq: Sequence, tokens: list[int], text: str, logprobs) -> CompletionDelta:
+        seq.text += text
+        first = len(seq.output_token_ids) == len(tokens)
+        return CompletionDelta(
+            request_id=seq.request_id,
+            index=seq.index,
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=len(seq.output_token_ids),
+            prompt_logprobs=seq.prompt_logprobs if first else None,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _logprob(self, out: SamplerOutput, row: int, token: int, wanted: int | None) -> TokenLogprob | None:
+        if wanted is None or out.logprobs is None:
+            return None
+        top = []
+        if wanted > 0 and out.top_token_ids is not None:
+            ids = out.top_token_ids[row, :wanted].tolist()
+            values = out.top_logprobs[row, :wanted].tolist()
+            top = [(i, self._token_text(i), v) for i, v in zip(ids, values)]
+        return TokenLogprob(token, self._token_text(token), float(out.logprobs[row]), top)
+
+    def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
+        """Logprob of each prompt token given the ones before it (None for the first), with top-N alternatives."""
+        logprobs = logits.log_softmax(dim=-1)[:-1]
+        targets = torch.tensor(seq.prompt_token_ids[1:], device=logits.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        wanted = seq.params.prompt_logprobs or 0
+        top_values, top_ids = logprobs.topk(wanted, dim=-1) if wanted else (None, None)
+        result: list[TokenLogprob | None] = [None]
+        for i, token in enumerate(seq.prompt_token_ids[1:]):
+            top = []
+            if wanted:
+                top = [(t, self._token_text(t), v) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist())]
+            result.append(TokenLogprob(token, self._token_text(token), chosen[i], top))
+        return result

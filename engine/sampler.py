@@ -1,0 +1,44 @@
+"""`Sampler`: the engine's sampling step. It owns the per-row sampling tensors of the running batch (rebuilt only
+when the batch changes, so a steady decode batch uploads nothing) and turns logits into a `SamplerOutput` with the
+pure tensor functions of engine/sampling.py."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sampling import SamplerOutput, SamplingTensors, sample, token_counts
+from engine.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_ids: list[int], device: torch.device) -> None:
+        self.vocab_size, self.eos_ids, self.device = vocab_size, eos_ids, device
+        self._key: tuple[int, ...] = ()
+        self._tensors: SamplingTensors | None = None
+
+    def tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        """Per-row sampling controls, rebuilt only when the batch changes (a steady decode batch reuses them)."""
+        key = tuple(s.seq_id for s in seqs)
+        if key != self._key or self._tensors is None:
+            self._tensors = SamplingTensors.from_params(
+                [s.params for s in seqs],
+                self.vocab_size,
+                self.device,
+                eos_token_ids=self.eos_ids,
+                sample_indices=[s.index for s in seqs],
+            )
+            self._key = key
+        return self._tensors
+
+    def __call__(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
+        """One token per row of logits [B, V], for these sequences (their output so far counts as `num_pending`
+        tokens sampled on the device but not yet collected)."""
+        t = self.tensors(seqs)
+        if t.all_greedy and not t.do_penalties and not t.do_min_tokens and t.num_logprobs is None:
+            return SamplerOutput(logits.argmax(dim=-1))  # the common greedy step: one kernel, nothing to upload
+        output_lens = torch.tensor([len(s.output_token_ids) + s.num_pending for s in seqs], device=self.device)
+        prompt_mask = counts = None
+        if t.do_penalties:
+            prompt_mask = token_counts([s.prompt_token_ids for s in seqs], self.vocab_size, self.device) > 0
+            counts = token_counts([s.output_token_ids for s in seqs], self.vocab_size, self.device)
+        return sample(logits, t, output_lens, prompt_mask, counts)

@@ -1,0 +1,1 @@
+"""Command-line front ends of the model family: `minimind convert` and `minimind tokenizer`."""
