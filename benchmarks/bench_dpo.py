@@ -165,10 +165,10 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from engine.config import MiniMindConfig
-    from engine.convert import convert
-    from engine.model import MiniMindForCausalLM
-    from engine.presets import PRESETS
+    from models.config import MiniMindConfig
+    from models.convert import convert
+    from models.model import MiniMindForCausalLM
+    from models.presets import PRESETS
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine.dtypes import DTYPE_CHOICES, DTYPE_HELP
+from models.dtypes import DTYPE_CHOICES, DTYPE_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
