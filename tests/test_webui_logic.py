@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import httpx
 import openai
 from openai.types.chat import ChatCompletionChunk
@@ -140,3 +142,10 @@ def test_friendly_errors_name_the_problem_and_the_fix():
     assert bad == "The API answered 400: max_tokens must be >= 1"
     dropped = friendly_error(httpx.RemoteProtocolError("peer closed connection"), BASE)
     assert "broke off" in dropped and "Regenerate" in dropped
+    # The SDK's own HTTP library (httpx2 from openai 3.x on) raises the same kind of error mid-stream.
+    sdk_http_client = type(openai.OpenAI(base_url=BASE, api_key="k")._client)
+    library = next(c.__module__.split(".")[0] for c in sdk_http_client.__mro__ if c.__module__.startswith("httpx"))
+    transport = importlib.import_module(library)
+    sdk_dropped = friendly_error(transport.RemoteProtocolError("peer closed connection"), BASE)
+    assert "broke off" in sdk_dropped
+    assert "Unexpected" in friendly_error(ValueError("not a transport error"), BASE)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import streamlit as st
 
@@ -38,7 +37,7 @@ def list_models(api_base: str, api_key: str) -> list[str]:
 
 def make_client(api_base: str, api_key: str) -> openai.OpenAI:
     # No retries: a person waiting on the page should see "server down" or "busy" at once, not after backoff.
-    return openai.OpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=httpx.Timeout(300.0, connect=5.0))
+    return openai.OpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=openai.Timeout(300.0, connect=5.0))
 
 
 def sidebar() -> dict[str, Any]:

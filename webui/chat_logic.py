@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import openai
 
 DEFAULT_API_BASE = "http://127.0.0.1:8998/v1"
@@ -208,12 +207,21 @@ def friendly_error(exc: BaseException, api_base: str) -> str:
         )
     if isinstance(exc, openai.APIStatusError):
         return f"The API answered {exc.status_code}: {_server_message(exc)}"
-    if isinstance(exc, (httpx.HTTPError, openai.APIError)):
+    if isinstance(exc, openai.APIError) or _is_transport_error(exc):
         return (
             f"The answer stream broke off ({type(exc).__name__}: {exc}). The part received is kept; "
             "press Regenerate to try again."
         )
     return f"Unexpected error talking to the API ({type(exc).__name__}: {exc})."
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A connection or stream error raised by the SDK's HTTP library while an answer streams.
+
+    Matched by module because the SDK changed libraries between releases (openai 1.x streams through
+    httpx, 3.x through httpx2): the page must name a broken stream the same way whichever one is installed.
+    """
+    return type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "httpcore2"}
 
 
 def _server_message(exc: openai.APIStatusError) -> str:
