@@ -72,11 +72,11 @@ print("RESULTS " + json.dumps(out, default=str))
 """
 
 
-def run_lm_eval(runs: list[str], tasks: Path, api_key: str) -> tuple[list[dict], str]:
+def run_lm_eval(runs: list[str], tasks: Path, api_key: str, task: str = TASK) -> tuple[list[dict], str]:
     """local-completions with each model_args string; returns ([{metrics, scores per choice}], log)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OPENAI_API_KEY=api_key)
     env.update(HF_DATASETS_CACHE=str(tasks / "datasets-cache"), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-c", SCRIPT, str(tasks), TASK, json.dumps(runs)]
+    cmd = [sys.executable, "-c", SCRIPT, str(tasks), task, json.dumps(runs)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
@@ -100,3 +100,44 @@ def test_local_completions_needs_no_tokenizer_argument(tmp_path):
     # the same score for every choice of every question: the same tokens reached the model
     for a, b in zip(remote["scores"], local["scores"]):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+# The same questions as an MMLU-style lettered task, in the layout `minimind eval mc` renders: the question,
+# "A. choice" lines, "Answer:", and the letters " A", " B", ... as the scored continuations.
+LETTERED_TASK = "minimind_offline_lettered"
+LETTERED_YAML = (
+    f"task: {LETTERED_TASK}\n"
+    "dataset_path: json\n"
+    "dataset_kwargs:\n  data_files:\n    test: {data}\n"
+    "test_split: test\n"
+    "output_type: multiple_choice\n"
+    "doc_to_text: \"{{{{question.strip()}}}}\\n{{% for c in choices %}}{{{{ 'ABCD'[loop.index0] }}}}. {{{{c}}}}\\n"
+    '{{% endfor %}}Answer:"\n'
+    'doc_to_choice: ["A", "B", "C", "D"]\n'
+    'doc_to_target: "{{{{answer}}}}"\n'
+    "metric_list:\n  - metric: acc\n"
+)
+
+
+def test_lm_eval_and_minimind_eval_mc_agree(tmp_path):
+    """lm-eval's local-completions and `minimind eval mc` score the same items the same way, against one server."""
+    server = main_server()
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tasks / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    (tasks / f"{LETTERED_TASK}.yaml").write_text(LETTERED_YAML.format(data=data))
+    plain = f"model={server.model},base_url={server.base_url}/completions"
+    (harness,), _ = run_lm_eval([plain], tasks, server.api_key, LETTERED_TASK)
+    harness_picks = ["ABCD"[max(range(4), key=scores.__getitem__)] for scores in harness["scores"]]
+
+    result_file = tmp_path / "minimind-eval.json"
+    cmd = [sys.executable, "-m", "minimind", "eval", "mc", "--api-base", server.base_url, "--data", str(data)]
+    env = dict(os.environ, OPENAI_API_KEY=server.api_key)
+    done = subprocess.run([*cmd, "--json", str(result_file)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = json.loads(result_file.read_text())
+
+    assert [p["pick"] for p in ours["picks"]] == harness_picks
+    assert ours["accuracy"] == pytest.approx(harness["metrics"]["acc,none"])
+    assert ours["questions"] == len(QUESTIONS)
