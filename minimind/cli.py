@@ -18,7 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("engine.cli.generate", "generate a completion for one prompt"),
     "chat": ("engine.cli.chat", "chat with a model in the terminal"),
     "serve": ("server.cli", "serve a model through an OpenAI-compatible HTTP API"),
-    "train": ("training.cli", "train a model: pretrain, sft or lora"),
+    "train": ("training.cli", "train a model: pretrain, sft, lora, dpo, distill, grpo, ... (one config per stage)"),
+    "plot": ("training.plot", "draw a training run's metrics (loss, lr, grad norm, tokens/s) as a PNG"),
     "data": ("training.data_cli", "build datasets (e.g. the offline demo sets)"),
     "eval": ("evaluation.cli", "evaluate a model: multiple choice, perplexity, canned prompts"),
 }
