@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_profile import profile_decode, profile_hf_generate  # noqa: E402
+from benchmarks.plots import save_figure_beside  # noqa: E402
 from benchmarks.provenance import provenance  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -314,6 +315,7 @@ def bench_spec(tokenizer, args, device: str, dtype: torch.dtype) -> dict:
 def save(results: dict, out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    save_figure_beside("engine", results, Path(out))
 
 
 def main() -> int:

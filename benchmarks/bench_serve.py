@@ -28,6 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.plots import save_figure_beside  # noqa: E402
 from benchmarks.provenance import machine_name, provenance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {out}")
+    save_figure_beside("serve", report, out)
     return 0 if all(level["failed"] == 0 for level in report["levels"]) else 1
 
 
