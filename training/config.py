@@ -18,7 +18,7 @@ import yaml
 from models.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo")
 
 
 def minimind_home() -> Path:
@@ -40,7 +40,7 @@ class TrainConfig:
         "pretrain",
         "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters), dpo "
         "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags), grpo (RL from rewards on sampled "
-        "completions)",
+        "completions), ppo (RL with a critic and GAE)",
     )
     preset: str = _f("minimind2-small", "model shape from models/presets.py, used when init_from is empty")
     model_config: dict = _f({}, "overrides of the preset's config fields, e.g. {hidden_size: 256} (YAML/JSON mapping)")
@@ -169,6 +169,12 @@ class TrainConfig:
     rollout_stop: list = _f([], "grpo: stop strings that end a completion (comma-separated on the command line)")
     rollout_kv_cache_mb: int = _f(1024, "grpo: memory of the rollout engine's KV cache, in MiB (bounds its batch)")
 
+    # ppo (also uses the grpo options above: rollouts, rewards, epsilon, loss_norm; beta is the KL penalty)
+    gamma: float = _f(1.0, "ppo: discount of later token rewards in GAE")
+    lam: float = _f(0.95, "ppo: GAE lambda (1 = Monte Carlo returns, 0 = one-step TD)")
+    value_clip: float = _f(0.2, "ppo: the critic's values move at most this far from the rollout's per update")
+    vf_coef: float = _f(0.1, "ppo: weight of the value loss beside the policy loss (actor and critic share the model)")
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -193,7 +199,11 @@ class TrainConfig:
             (self.keep_last >= 1, "keep_last", "must be at least 1"),
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.stage != "lora" or bool(self.init_from), "init_from", "must name the model LoRA adapts (lora stage)"),
-            (self.beta > 0 or (self.stage == "grpo" and self.beta == 0), "beta", "must be positive (grpo: or 0)"),
+            (
+                self.beta > 0 or (self.stage in ("grpo", "ppo") and self.beta == 0),
+                "beta",
+                "must be positive (grpo, ppo: or 0)",
+            ),
             (self.dpo_loss in ("sigmoid", "ipo"), "dpo_loss", "must be sigmoid or ipo"),
             (0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
             (self.stage != "distill" or bool(self.teacher), "teacher", "must name the teacher model (distill stage)"),
@@ -201,13 +211,21 @@ class TrainConfig:
             (self.temperature > 0, "temperature", "must be positive"),
             (self.kl_direction in ("forward", "reverse"), "kl_direction", "must be forward or reverse"),
             (self.think_tag_weight >= 0, "think_tag_weight", "must not be negative"),
-            (self.num_generations >= 2, "num_generations", "must be at least 2 (advantages compare a group)"),
+            (
+                self.num_generations >= (1 if self.stage == "ppo" else 2),
+                "num_generations",
+                "must be at least 2 (advantages compare a group; ppo: at least 1)",
+            ),
+            (0 <= self.gamma <= 1, "gamma", "must be in [0, 1]"),
+            (0 <= self.lam <= 1, "lam", "must be in [0, 1]"),
+            (self.value_clip > 0, "value_clip", "must be positive"),
+            (self.vf_coef >= 0, "vf_coef", "must not be negative"),
             (self.rl_loss in ("grpo", "cispo"), "rl_loss", "must be grpo or cispo"),
             (0 <= self.epsilon < 1, "epsilon", "must be in [0, 1)"),
             (self.epsilon_high >= 0, "epsilon_high", "must not be negative"),
             (self.loss_norm in ("sequence", "token"), "loss_norm", "must be sequence or token"),
             (
-                self.stage != "grpo" or 1 <= self.max_completion_len < self.max_seq_len,
+                self.stage not in ("grpo", "ppo") or 1 <= self.max_completion_len < self.max_seq_len,
                 "max_completion_len",
                 "must be at least 1 and below max_seq_len (the prompt needs room)",
             ),

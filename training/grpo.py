@@ -79,6 +79,14 @@ class GRPOStage(SFTStage):
 
     def collate(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
         """Roll out G completions per prompt and return the training batch (rows prompt-major: i * G + g)."""
+        batch = self.rollout(items, tokenizer)
+        batch["advantages"] = group_advantages(batch["rewards"], self.cfg.num_generations)
+        return batch
+
+    def rollout(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Sample and score G completions per prompt: the rows (prompt + completion), the completion targets at
+        the positions whose logits predict them, the sampling log-probabilities there and the rewards. Shared
+        by the RL stages (training/ppo.py adds values and GAE to it)."""
         seed = int(torch.randint(0, 2**62, ()))  # from the checkpointed RNG: a resumed run samples the same
         completions = self.engine.generate([item["prompt_ids"] for item in items], self.sampling_params(seed))
         samples = [
@@ -110,7 +118,6 @@ class GRPOStage(SFTStage):
             "targets": targets,
             "old_logps": old_logps,
             "rewards": rewards,
-            "advantages": group_advantages(rewards, self.cfg.num_generations),
         }
         for name, values in parts.items():
             batch[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)

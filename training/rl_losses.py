@@ -36,7 +36,8 @@ def policy_loss(
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, per-token bool: the clip was active), both (batch, positions).
+    """(per-token loss, per-token bool: the clip was active), both (batch, positions); advantages are one per
+    sequence (batch,) as GRPO's, or one per token (batch, positions) as PPO's GAE.
 
     grpo: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) with r = exp(logp - old_logp) (PPO's clipped
     surrogate; epsilon_high > epsilon is DAPO's clip-higher).
@@ -44,7 +45,7 @@ def policy_loss(
     differentiated, so every token keeps a gradient (none is clipped away), the cap bounds its size.
     Both add beta x k3 KL to the reference when ref_logps is given.
     """
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # per sequence or per token
     ratio = torch.exp(logps - old_logps)
     if loss_type == "grpo":
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
@@ -70,3 +71,40 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, per: str) -> torch.Tens
     if per == "sequence":
         return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
     raise ValueError(f"unknown normalisation {per!r}; use token or sequence")
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by generalised advantage estimation (Schulman et al. 2016), per token.
+
+    rewards, values, mask: (batch, positions), each row's completion a contiguous run of True in mask (the
+    episode; the value after its last token is 0). delta_t = r_t + gamma V_{t+1} - V_t and
+    A_t = delta_t + gamma lam A_{t+1}, computed backwards; returns = A + V are the value targets. 0 off the mask.
+    """
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t] * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (the population std), 0 off the mask: PPO's advantage scaling."""
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp(min=1)
+    mean = (values * mask).sum() / count
+    var = (((values - mean) * mask) ** 2).sum() / count
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-token clipped value loss 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old,
+    -clip, clip): the critic moves at most `clip` from its rollout-time values per update, as PPO's policy does."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)

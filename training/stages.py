@@ -163,9 +163,10 @@ def stage_classes() -> dict[str, type[Stage]]:
     from training.distill import DistillStage
     from training.dpo import DPOStage
     from training.grpo import GRPOStage
+    from training.ppo import PPOStage
     from training.reason import ReasonStage
 
-    stages = (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage, GRPOStage)
+    stages = (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage, GRPOStage, PPOStage)
     return {stage.name: stage for stage in stages}
 
 
