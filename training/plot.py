@@ -57,7 +57,9 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
                 row = json.loads(line)
                 step = int(row["step"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise TrainingError(f'{path}:{lineno}: not a metrics row ({err}); expected {{"step": N, ...}}') from None
+                raise TrainingError(
+                    f'{path}:{lineno}: not a metrics row ({err}); expected {{"step": N, ...}}'
+                ) from None
             for name, value in row.items():
                 if name == "step" or name in RUN_INFO or not isinstance(value, (int, float)):
                     continue
