@@ -94,7 +94,7 @@ class ChoiceState:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     backend = request.app.state.backend
     check_model(body.model, backend)
-    structured = structured_outputs(body, body.tools, body.tool_choice)
+    structured = structured_outputs(body, body.tools, body.tool_choice, backend.tokenizer)
     check_fits_queue(body.n, backend.info, "n")
     use_tools = bool(body.tools) and body.tool_choice != "none"
     trusted = request.app.state.settings.trust_request_chat_template

@@ -60,14 +60,15 @@ def _from_vllm_fields(req: SamplingFields) -> list[tuple[str, StructuredOutputsP
 
 
 def structured_outputs(
-    req: SamplingFields, tools: list | None = None, tool_choice: Any = None
+    req: SamplingFields, tools: list | None = None, tool_choice: Any = None, tokenizer: Any = None
 ) -> StructuredOutputsParams | None:
-    """The request's one output constraint, checked (compiled once), or None for free text."""
+    """The request's one output constraint, checked (compiled once), or None for free text. The tokenizer
+    spells the tool-call tags in a forced call."""
     found = _from_vllm_fields(req)
     from_format = _from_response_format(req)
     if from_format is not None:
         found.append(("response_format", from_format))
-    grammar = tool_call_grammar(tools or [], tool_choice)
+    grammar = tool_call_grammar(tools or [], tool_choice, tokenizer)
     if grammar is not None:
         found.append(("tool_choice", StructuredOutputsParams(grammar=grammar)))
     if not found:

@@ -89,7 +89,16 @@ class ToolCallStreamParser:
         return content or "", calls
 
 
-def tool_call_grammar(tools: list[Tool], tool_choice: Any) -> str | None:
+def _tag(tokenizer: Any, text: str) -> str:
+    """A tag as a Lark terminal: by token id when the tokenizer has it as one added token (llguidance treats
+    every added token as special, matched only by id, never by its text), else as a string."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if tokenizer is not None else []
+    if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == text:
+        return f"<[{ids[0]}]>"
+    return json.dumps(text)
+
+
+def tool_call_grammar(tools: list[Tool], tool_choice: Any, tokenizer: Any = None) -> str | None:
     """A Lark grammar (llguidance dialect) forcing one call in this module's format, for `tool_choice`
     "required" (any listed tool) or {"type": "function", "function": {"name": ...}} (that tool); None for
     "auto"/"none"/absent, where the model decides. Raises APIError for a choice that names no listed tool."""
@@ -124,4 +133,4 @@ def tool_call_grammar(tools: list[Tool], tool_choice: Any) -> str | None:
         for t in chosen
     ]
     schema = {"anyOf": calls, "x-guidance": {"whitespace_flexible": False}}
-    return f"start: {json.dumps(OPEN)} call {json.dumps(CLOSE)}\ncall: %json {json.dumps(schema)}\n"
+    return f"start: {_tag(tokenizer, OPEN)} call {_tag(tokenizer, CLOSE)}\ncall: %json {json.dumps(schema)}\n"
