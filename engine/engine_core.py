@@ -14,7 +14,9 @@ step's tokens are collected afterwards, so the host's work on step N (detokenizi
 while the device computes step N+1. The host therefore learns of a finish one step late: a sequence that stopped
 on EOS or a stop string gets one extra token computed and dropped (one that ends by length is never launched past
 its end). Requests whose sampling needs the token values of the step before (repetition/presence/frequency
-penalties) and speculative decoding run unpipelined: launch, then collect at once.
+penalties), structured outputs (the grammar mask of the next step needs the token just sampled) and speculative
+decoding run unpipelined: launch, then collect at once. Constrained rows get their grammar's token mask
+(engine/structured.py) on the logits before sampling; a batch without them never touches it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.spec_decode import SpeculativeDecoder
+from engine.structured import StructuredOutputs
 from models.model import MiniMindForCausalLM
 
 
@@ -125,6 +128,7 @@ class EngineCore:
         self.runner = ModelRunner(model, self.cache, cuda_graphs, max(2, spare), compile_model, cpu_layouts)
         self.scheduler = Scheduler(self.cache, max_model_len, config.max_queue, config.max_prefill_tokens)
         self.sampler = Sampler(self.vocab_size, self.eos_ids, self.device)
+        self.structured = StructuredOutputs(tokenizer, self.vocab_size, self.eos_ids)
         self.output = OutputProcessor(tokenizer, self.scheduler)
         self.spec = None
         if draft_model is not None:
@@ -134,6 +138,7 @@ class EngineCore:
         self.slot_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's newest token
         self.pending: Launched | None = None  # the step launched last, tokens not yet collected
         self._history_seqs: list[Sequence] = []  # live sequences whose sampling reads their output tokens
+        self._constrained_seqs: list[Sequence] = []  # live sequences with a structured-outputs grammar
         self.lock = threading.RLock()  # one thread at a time drives the model (engine loop vs. embed)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
@@ -158,9 +163,13 @@ class EngineCore:
             ]
             for seq in seqs:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, self.eos_ids)
+                if params.structured_outputs is not None:
+                    seq.matcher = self.structured.matcher(params.structured_outputs)
             self.scheduler.add(seqs)
             if needs_output_history(params):
                 self._history_seqs.extend(seqs)
+            if params.structured_outputs is not None:
+                self._constrained_seqs.extend(seqs)
             return seqs
 
     def abort(self, request_id: str) -> list[CompletionDelta]:
@@ -203,7 +212,9 @@ class EngineCore:
             return False
         if self._history_seqs:
             self._history_seqs = [s for s in self._history_seqs if not s.is_finished]
-        return not self._history_seqs
+        if self._constrained_seqs:
+            self._constrained_seqs = [s for s in self._constrained_seqs if not s.is_finished]
+        return not self._history_seqs and not self._constrained_seqs
 
     def _run(self, kind: str, seqs: list[Sequence], pipelined: bool) -> torch.Tensor:
         """The model's next-token logits [B, V] for these sequences (a prefill, or one decode step)."""
@@ -236,6 +247,8 @@ class EngineCore:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prefill: bool = False) -> Launched:
         """Queue sampling from logits [B, V]: the tokens go to the slots' input buffer and start copying to the host."""
+        if self._constrained_seqs and any(s.matcher is not None for s in seqs):
+            logits = self.structured.mask_logits([s.matcher for s in seqs], logits)
         out = self.sampler(seqs, logits)
         if len(seqs) == 1 or [s.slot for s in seqs] == list(range(len(seqs))):
             self.slot_tokens[seqs[0].slot : seqs[0].slot + len(seqs)].copy_(out.token_ids)

@@ -15,6 +15,7 @@ from engine.backend import CompletionDelta, TokenLogprob
 from engine.sampling import SamplerOutput
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.structured import StructuredOutputs
 
 
 class OutputProcessor:
@@ -44,6 +45,8 @@ class OutputProcessor:
         before = len(seq.output_token_ids)
         text = detok.add_tokens(tokens)
         kept = detok.token_ids[before:]
+        if seq.matcher is not None and StructuredOutputs.advance(seq.matcher, kept) and detok.finish_reason is None:
+            text += detok.finish("stop")  # the grammar ended without EOS (e.g. ignore_eos): nothing more may follow
         # The context window can also end it (the detokenizer only knows max_tokens).
         room = seq.max_total_len - len(seq.prompt_token_ids) - before
         if len(kept) >= room and detok.finish_reason is None:

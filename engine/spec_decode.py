@@ -24,10 +24,11 @@ from engine.sequence import Sequence
 
 def speculates(seq: Sequence) -> bool:
     """Rows whose next token is a pure function of the logits at one position (greedy without penalties), and
-    that want no logprobs."""
+    that want no logprobs and follow no grammar (a constrained row's mask for draft token i+1 would need the
+    matcher advanced by draft token i: such rows decode plainly, one masked token per step)."""
     p = seq.params
     greedy = p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0 and p.frequency_penalty == 0
-    return greedy and p.logprobs is None
+    return greedy and p.logprobs is None and seq.matcher is None
 
 
 class SpeculativeDecoder:

@@ -11,6 +11,7 @@ from typing import Any
 from engine.backend import Backend, ModelInfo
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured import StructuredOutputsParams
 from server.errors import APIError
 from server.protocol import SamplingFields
 
@@ -87,6 +88,7 @@ def sampling_params(
     vocab_size: int,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """SamplingParams from the request's fields (vLLM names, so the mapping is 1:1)."""
     if not 1 <= req.n <= MAX_N:
@@ -112,6 +114,7 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        structured_outputs=structured,
     )
     optional = {
         "temperature": req.temperature,

@@ -73,8 +73,19 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Request):
+    """`response_format.json_schema`: the schema the reply must validate against (server/structured.py)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Request):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: str = "text"  # text | json_object | json_schema; others get a 400 naming the supported ones
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(Request):
@@ -101,6 +112,13 @@ class SamplingFields(Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-outputs fields: {"json"|"regex"|"choice"|"grammar"|"json_object": ...}, and the older
+    # guided_* names
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
 
 # --- chat ----------------------------------------------------------------------------------------------
@@ -147,7 +165,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: messages → chat template → backend → OpenAI response or SSE chunks.
 
 Reasoning (`<think>…</think>`) goes to `reasoning_content`; with `tools`, `<tool_call>` output becomes
-`tool_calls` and finish_reason `tool_calls`. Streams: a role chunk per choice, content chunks, a finish
+`tool_calls` and finish_reason `tool_calls`; response_format and tool_choice "required"/named constrain the output
+by grammar (server/structured.py). Streams: a role chunk per choice, content chunks, a finish
 chunk per choice, a usage chunk when stream_options.include_usage, then [DONE].
 """
 
@@ -16,7 +17,6 @@ from fastapi import APIRouter, Request
 
 from engine.backend import CompletionDelta, TokenLogprob
 from engine.reasoning import ReasoningStreamParser, reasoning_opened_by_prompt
-from server.errors import APIError
 from server.params import check_fits_queue, check_model, resolve_max_tokens, sampling_params
 from server.prompts import chat_prompt, request_template
 from server.protocol import (
@@ -31,6 +31,7 @@ from server.protocol import (
     random_id,
 )
 from server.streaming import first_then_rest, run_backend, sse_response, until_disconnect
+from server.structured import structured_outputs
 from server.tool_calls import ToolCallStreamParser, tool_call_deltas
 from server.workers import offload
 
@@ -93,10 +94,7 @@ class ChoiceState:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     backend = request.app.state.backend
     check_model(body.model, backend)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(
-            400, "response_format: only {'type': 'text'} is supported by this server", param="response_format"
-        )
+    structured = structured_outputs(body, body.tools, body.tool_choice, backend.tokenizer)
     check_fits_queue(body.n, backend.info, "n")
     use_tools = bool(body.tools) and body.tool_choice != "none"
     trusted = request.app.state.settings.trust_request_chat_template
@@ -115,7 +113,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(len(prompt), wanted, backend.info.max_model_len, param)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens=max_tokens, vocab_size=backend.info.vocab_size, logprobs=top)
+    params = sampling_params(
+        body, max_tokens=max_tokens, vocab_size=backend.info.vocab_size, logprobs=top, structured=structured
+    )
 
     request_id = random_id("chatcmpl-")
     opens_think = reasoning_opened_by_prompt(prompt_text)

@@ -25,6 +25,7 @@ from server.protocol import (
     random_id,
 )
 from server.streaming import first_then_rest, merge, run_backend, sse_response, until_disconnect
+from server.structured import structured_outputs
 from server.workers import offload
 
 router = APIRouter(tags=["completions"])
@@ -124,6 +125,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         vocab_size=info.vocab_size,
         logprobs=top,
         prompt_logprobs=top if body.echo and top is not None else None,
+        structured=structured_outputs(body),
     )
     request_id = random_id("cmpl-")
     streams = [run_backend(request, ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompt_ids)]

@@ -10,7 +10,8 @@ import json
 import re
 from typing import Any
 
-from server.protocol import FunctionCall, ToolCall, random_id
+from server.errors import APIError
+from server.protocol import FunctionCall, Tool, ToolCall, random_id
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
@@ -86,3 +87,50 @@ class ToolCallStreamParser:
         if not calls:
             return held, []
         return content or "", calls
+
+
+def _tag(tokenizer: Any, text: str) -> str:
+    """A tag as a Lark terminal: by token id when the tokenizer has it as one added token (llguidance treats
+    every added token as special, matched only by id, never by its text), else as a string."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if tokenizer is not None else []
+    if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == text:
+        return f"<[{ids[0]}]>"
+    return json.dumps(text)
+
+
+def tool_call_grammar(tools: list[Tool], tool_choice: Any, tokenizer: Any = None) -> str | None:
+    """A Lark grammar (llguidance dialect) forcing one call in this module's format, for `tool_choice`
+    "required" (any listed tool) or {"type": "function", "function": {"name": ...}} (that tool); None for
+    "auto"/"none"/absent, where the model decides. Raises APIError for a choice that names no listed tool."""
+    if tool_choice in (None, "auto", "none"):
+        return None
+    if not tools:
+        raise APIError(400, "tool_choice needs `tools`: list the functions the model may call", param="tool_choice")
+    if tool_choice == "required":
+        chosen = tools
+    elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+        name = tool_choice["function"].get("name")
+        chosen = [t for t in tools if t.function.name == name]
+        if not chosen:
+            names = ", ".join(t.function.name for t in tools)
+            raise APIError(400, f"tool_choice names '{name}', which is not in tools ({names})", param="tool_choice")
+    else:
+        raise APIError(
+            400,
+            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+            param="tool_choice",
+        )
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t.function.name},
+                "arguments": t.function.parameters or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in chosen
+    ]
+    schema = {"anyOf": calls, "x-guidance": {"whitespace_flexible": False}}
+    return f"start: {_tag(tokenizer, OPEN)} call {_tag(tokenizer, CLOSE)}\ncall: %json {json.dumps(schema)}\n"
