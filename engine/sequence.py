@@ -39,6 +39,7 @@ class Sequence:
     text: str = ""  # detokenized output so far (what has been emitted)
     detok: Any = None  # per-sequence incremental detokenizer
     num_pending: int = 0  # tokens sampled on the device but not yet collected (pipelined steps)
+    images: Any = None  # pixel_values [images, 3, H, W] of a VLM request, spliced in at prefill, then dropped
 
     @property
     def num_prompt_tokens(self) -> int:
