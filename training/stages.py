@@ -164,8 +164,9 @@ def stage_classes() -> dict[str, type[Stage]]:
     from training.dpo import DPOStage
     from training.grpo import GRPOStage
     from training.reason import ReasonStage
+    from training.vlm import VLMPretrainStage, VLMSFTStage
 
-    stages = (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage, GRPOStage)
+    stages = (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage, GRPOStage, VLMPretrainStage, VLMSFTStage)
     return {stage.name: stage for stage in stages}
 
 

@@ -1,0 +1,131 @@
+"""vlm-pretrain / vlm-sft on the shared trainer: what each stage trains, data errors, the saved VLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from tests.conftest import UPSTREAM_FIXTURES, tiny_model
+from training.config import TrainConfig
+from training.errors import TrainingError
+from training.stages import get_stage
+from training.trainer import Trainer
+
+
+@pytest.fixture
+def vlm_run(tmp_path):
+    """A tiny LLM (minimind-3 tokenizer), a tiny SigLIP directory and 4 conversations about 2 images."""
+    from models.loader import load_tokenizer
+
+    llm = tmp_path / "llm"
+    tiny_model().save_pretrained(llm)
+    load_tokenizer(UPSTREAM_FIXTURES / "minimind3-v").save_pretrained(llm)
+    encoder = tmp_path / "siglip"
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    SiglipVisionModel(vision).save_pretrained(encoder)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+        Image.new("RGB", (40, 40), colour).save(data / name)
+    rows = [
+        {
+            "image": "red.png",
+            "conversations": [{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "red"}],
+        },
+        {
+            "image": "blue.png",
+            "conversations": [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "blue"}],
+        },
+        {
+            "image": ["red.png", "blue.png"],
+            "conversations": [
+                {"role": "user", "content": "<image><image> which?"},
+                {"role": "assistant", "content": "both"},
+            ],
+        },
+        {"conversations": [{"role": "user", "content": "no picture"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path, llm, encoder, data / "train.jsonl"
+
+
+def run_config(tmp_path, llm, encoder, data, stage: str, **overrides) -> TrainConfig:
+    fields = dict(
+        stage=stage,
+        init_from=str(llm),
+        vision_encoder=str(encoder),
+        data_path=str(data),
+        max_seq_len=64,
+        batch_size=2,
+        max_steps=1,
+        lr=1e-2,
+        warmup_steps=0,
+        device="cpu",
+        output_dir=str(tmp_path / stage),
+        report_to="none",
+        save_every=0,
+        log_every=1,
+    )
+    return TrainConfig(**{**fields, **overrides})
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("stage", "trained"),
+    [("vlm-pretrain", ("vision_proj.",)), ("vlm-sft", ("vision_proj.", "model.", "lm_head."))],
+)
+def test_each_stage_updates_only_its_weights(vlm_run, stage, trained):
+    tmp_path, llm, encoder, data = vlm_run
+    trainer = Trainer(run_config(tmp_path, llm, encoder, data, stage), get_stage(stage))
+    trainer.setup()  # run() sets up again, identically (seeded): these are the weights it starts from
+    before = snapshot(trainer.model)
+    final = trainer.run()
+    after = snapshot(trainer.model)
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
+        if key.startswith("vision_encoder.") or not key.startswith(trained):
+            assert not changed, f"{stage} changed frozen {key}"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vision_proj."))
+    if stage == "vlm-sft":
+        assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    from models.loader import load_model
+
+    saved, _ = load_model(final)
+    assert torch.equal(saved.vision_proj.mlp[1].weight, after["vision_proj.mlp.1.weight"])
+
+
+def test_marker_count_must_match_the_images(vlm_run):
+    tmp_path, llm, encoder, data = vlm_run
+    bad = tmp_path / "bad.jsonl"
+    row = {
+        "image": ["red.png"],
+        "conversations": [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "x"}],
+    }
+    bad.write_text(json.dumps(row) + "\n")
+    trainer = Trainer(
+        run_config(tmp_path, llm, encoder, bad, "vlm-pretrain", image_dir=str(data.parent)), get_stage("vlm-pretrain")
+    )
+    with pytest.raises(TrainingError, match="bad.jsonl:1: 2 <image> markers but 1 images"):
+        trainer.setup()
+
+
+def test_missing_image_and_missing_encoder_are_named(vlm_run):
+    tmp_path, llm, encoder, data = vlm_run
+    with pytest.raises(TrainingError, match="image file not found"):
+        Trainer(
+            run_config(tmp_path, llm, encoder, data, "vlm-pretrain", image_dir=str(tmp_path)), get_stage("vlm-pretrain")
+        ).setup()
+    with pytest.raises(TrainingError, match="needs a vision encoder"):
+        Trainer(
+            run_config(tmp_path, llm, encoder, data, "vlm-pretrain", vision_encoder=""), get_stage("vlm-pretrain")
+        ).setup()
