@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "serve a model through an OpenAI-compatible HTTP API"),
     "train": ("training.cli", "train a model: pretrain, sft or lora"),
     "data": ("training.data_cli", "build datasets (e.g. the offline demo sets)"),
+    "vlm-demo": ("webui.vlm_demo", "Gradio page: chat about images with a MiniMind-V model over the API"),
     "eval": ("evaluation.cli", "evaluate a model: multiple choice, perplexity, canned prompts"),
 }
 
