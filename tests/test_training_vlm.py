@@ -153,3 +153,27 @@ def test_resume_from_a_checkpoint_is_exact(vlm_run):
     assert left.keys() == right.keys()
     for key in left:
         assert torch.equal(left[key], right[key]), key
+
+
+def test_vlm_demo_data_is_readable_by_the_stage(tmp_path, vlm_run):
+    """`minimind data vlm-demo` writes pictures whose answers can be read off them, in the stage's format."""
+    from PIL import Image as PILImage
+
+    from minimind.cli import main
+
+    _, llm, encoder, _ = vlm_run
+    out = tmp_path / "shapes"
+    assert main(["data", "vlm-demo", str(out), "--count", "20"]) == 0
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 18 * 3 and len((out / "test.jsonl").read_text().splitlines()) == 2 * 3
+    colour_row = next(r for r in rows if "colour" in r["conversations"][0]["content"])
+    picture = PILImage.open(out / colour_row["image"]).convert("RGB")
+    from training.vlm_demo_data import COLOURS
+
+    expected = COLOURS[colour_row["conversations"][1]["content"]]
+    assert expected in {colour for _, colour in picture.getcolors(4096)}
+    trainer = Trainer(
+        run_config(tmp_path, llm, encoder, out / "train.jsonl", "vlm-pretrain"), get_stage("vlm-pretrain")
+    )
+    trainer.setup()
+    assert len(trainer.dataset) == 54 and trainer.dataset[0]["pixel_values"].shape == (1, 3, 32, 32)
