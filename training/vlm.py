@@ -41,8 +41,6 @@ def vision_config_for(cfg: TrainConfig) -> tuple[Any, Path | None]:
 
     if cfg.vision_encoder:
         folder = Path(cfg.vision_encoder).expanduser()
-        from models.vision.checkpoint import vlm_config_from  # noqa: F401 - same reading as conversion
-
         return AutoConfig.from_pretrained(folder), folder
     source = Path(cfg.init_from).expanduser() if cfg.init_from else None
     if source is not None and source.is_dir() and (source / "config.json").is_file():
@@ -89,7 +87,7 @@ class VLMDataset:
             message["content"] = message["content"].replace(IMAGE_MARKER, self.placeholder)
         ids, trained = tokenize_conversation(self.tokenizer, messages, tools)
         ids, trained = ids[: self.seq_len + 1], trained[: self.seq_len + 1]
-        complete = sum(ids.count(self.image_token_id) for _ in [0]) // self.image_token_len
+        complete = ids.count(self.image_token_id) // self.image_token_len
         if ids.count(self.image_token_id) % self.image_token_len:  # a run cut in the middle: cut before it
             cut = [i for i, t in enumerate(ids) if t == self.image_token_id][complete * self.image_token_len]
             ids, trained = ids[:cut], trained[:cut]
