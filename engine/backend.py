@@ -82,9 +82,35 @@ class EngineStats:
     free_slots: int
 
 
+@dataclass
+class VisionInputs:
+    """What the server needs to turn a request's images into a VLM's inputs: the placeholder text of one image
+    (`image_token` x `image_token_len`) and the image -> pixel_values function of the model's encoder."""
+
+    image_token: str
+    image_token_len: int
+    preprocess: Any  # models.vision.image.ImagePreprocessor: PIL image -> [3, H, W]
+
+
+def vision_inputs(model: Any, source: Any) -> VisionInputs | None:
+    """The VisionInputs of a loaded VLM (preprocessing from the `source` directory's preprocessor_config.json
+    when it has one); None for a text-only model."""
+    config = model.config
+    if getattr(config, "vision_config", None) is None:
+        return None
+    from pathlib import Path
+
+    from models.vision.image import ImagePreprocessor
+
+    folder = Path(source) if isinstance(source, (str, Path)) and Path(source).is_dir() else None
+    preprocess = ImagePreprocessor.for_encoder(config.vision_config, folder)
+    return VisionInputs(config.image_token, config.image_token_len, preprocess)
+
+
 class Backend(Protocol):
     info: ModelInfo
     tokenizer: Any  # a transformers PreTrainedTokenizerBase (chat template, encode/decode)
+    vision: VisionInputs | None  # None: a text-only model (requests with images get HTTP 400)
 
     async def start(self) -> None: ...
 
@@ -92,9 +118,10 @@ class Backend(Protocol):
         """Stop admitting, let running requests finish for up to drain_timeout seconds, then abort the rest."""
 
     def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, images: Any = None
     ) -> AsyncIterator[CompletionDelta]:
-        """Raises PromptTooLongError / QueueFullError / InvalidRequestError before yielding anything."""
+        """Raises PromptTooLongError / QueueFullError / InvalidRequestError before yielding anything. `images`:
+        pixel_values [images, 3, H, W] for the prompt's image placeholders (VLM backends only)."""
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -70,6 +70,19 @@ def kv_cache_budget(model: MiniMindForCausalLM, max_len: int, memory_bytes: int 
     return memory_bytes, per_slot
 
 
+def check_images(model: MiniMindForCausalLM, prompt_token_ids: list[int], images: torch.Tensor) -> None:
+    """A text-only model, or placeholders that do not match the images, is the request's error."""
+    image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is None:
+        raise InvalidRequestError("this model does not accept images (it has no vision encoder); send text only")
+    slots = sum(1 for t in prompt_token_ids if t == image_token_id)
+    if slots != images.shape[0] * model.config.image_token_len:
+        raise InvalidRequestError(
+            f"the prompt has {slots} image placeholder tokens for {images.shape[0]} image(s); each image needs "
+            f"{model.config.image_token_len}"
+        )
+
+
 def needs_output_history(params: SamplingParams) -> bool:
     """Sampling that reads the tokens generated so far (so the next step cannot be launched before they are known)."""
     return params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
@@ -152,9 +165,17 @@ class EngineCore:
         raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        images: torch.Tensor | None = None,
     ) -> list[Sequence]:
-        """Queue a request's n sequences; raises PromptTooLongError / QueueFullError before queueing anything."""
+        """Queue a request's n sequences; raises PromptTooLongError / QueueFullError / InvalidRequestError before
+        queueing anything. `images` ([images, 3, H, W]) fill the prompt's image placeholders (VLMs only)."""
+        if images is not None:
+            check_images(self.model, prompt_token_ids, images)
         with self.lock:
             self.scheduler.check(len(prompt_token_ids), params.max_tokens, params.n)
             seqs = [
@@ -162,6 +183,7 @@ class EngineCore:
                 for i in range(params.n)
             ]
             for seq in seqs:
+                seq.images = images  # whichever sequence leads the request's prefill brings them
                 seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params, self.eos_ids)
                 if params.structured_outputs is not None:
                     seq.matcher = self.structured.matcher(params.structured_outputs)
@@ -234,7 +256,12 @@ class EngineCore:
             rows.append(leaders.setdefault(seq.request_id, len(leaders)))
         firsts = [next(s for s in seqs if s.request_id == rid) for rid in leaders]
         want_full = [s.params.prompt_logprobs is not None for s in firsts]
-        last, full = self.runner.prefill([s.prompt_token_ids for s in firsts], [s.slot for s in firsts], want_full)
+        images = [s.images for s in firsts]
+        last, full = self.runner.prefill(
+            [s.prompt_token_ids for s in firsts], [s.slot for s in firsts], want_full, images
+        )
+        for seq in seqs:
+            seq.images = None  # the features now live in the KV cache
         for seq, row in zip(seqs, rows):
             leader = firsts[row]
             if seq is not leader:

@@ -119,10 +119,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(
-        self, prompts: list[list[int]], slots: list[int], full_logits: list[bool]
+        self,
+        prompts: list[list[int]],
+        slots: list[int],
+        full_logits: list[bool],
+        images: list[torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Write the prompts into their slots. Returns the last position's logits [B, V] and, for rows that asked
-        (prompt logprobs), the logits of every prompt position [T, V]."""
+        (prompt logprobs), the logits of every prompt position [T, V]. Rows with `images` (a VLM's pixel_values)
+        get their placeholder embeddings replaced by the image features, computed here once per request."""
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         if self.cpu_layouts is not None:
@@ -136,12 +141,27 @@ class ModelRunner:
             width,
             fresh=True,
         )
-        hidden = self.model.model(input_ids=tokens, position_ids=positions, kv_cache=view).last_hidden_state
+        embeds = self._embeds_with_images(tokens, images) if images and any(x is not None for x in images) else None
+        hidden = self.model.model(
+            input_ids=None if embeds is not None else tokens,
+            inputs_embeds=embeds,
+            position_ids=positions,
+            kv_cache=view,
+        ).last_hidden_state
         last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         full = [
             self.model.lm_head(hidden[i, : lengths[i]]).float() if want else None for i, want in enumerate(full_logits)
         ]
         return self.model.lm_head(last).float(), full
+
+    def _embeds_with_images(self, tokens: torch.Tensor, images: list[torch.Tensor | None]) -> torch.Tensor:
+        """Token embeddings of the batch, each image-bearing row spliced (text rows as they are)."""
+        embeds = self.model.model.embed_tokens(tokens)
+        for row, pixels in enumerate(images):
+            if pixels is not None:
+                features = self.model.encode_images(pixels.to(self.device))
+                embeds[row] = self.model.splice_images(tokens[row : row + 1], features)[0]
+        return embeds
 
     @torch.inference_mode()
     def step(self, slots: list[int], tokens: torch.Tensor | list[list[int]], starts: list[int]) -> torch.Tensor:

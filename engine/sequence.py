@@ -40,6 +40,7 @@ class Sequence:
     detok: Any = None  # per-sequence incremental detokenizer
     num_pending: int = 0  # tokens sampled on the device but not yet collected (pipelined steps)
     matcher: Any = None  # the grammar matcher of a structured-outputs request (engine/structured.py)
+    images: Any = None  # pixel_values [images, 3, H, W] of a VLM request, spliced in at prefill, then dropped
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -26,6 +26,7 @@ def convert(
     merge_lora: str | Path | None = None,
     force: bool = False,
     quant: str = "f16",
+    vision_encoder: str | Path | None = None,
 ) -> tuple[Path, str]:
     """Convert SOURCE into OUT; returns (OUT, the target used). dtype None keeps the source's dtype.
 
@@ -37,7 +38,23 @@ def convert(
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists; choose another output directory or pass --force to replace it")
-    model_config, state, tok_dir, gguf = read_checkpoint(source, preset=preset, config=config)
+    model_config, state, tok_dir, gguf = read_checkpoint(
+        source, preset=preset, config=config, vision_encoder=vision_encoder
+    )
+    if model_config.model_type == "minimind_vlm":
+        from models.vision.export import convert_vlm
+
+        return convert_vlm(
+            model_config,
+            state,
+            out,
+            to,
+            source,
+            tok=_tokenizer_for(tokenizer, tok_dir, gguf, source),
+            dtype=dtype,
+            merge_lora=merge_lora,
+            force=force,
+        )
     target = choose_target(model_config, to) if to not in ("gguf", "pth") else to
     model = build_model(model_config, state, str(source))
     out_dtype = resolve_dtype(dtype, "cuda") or stored_dtype(state)

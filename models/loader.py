@@ -69,13 +69,16 @@ def load_model(
     preset: str | None = None,
     config: str | Path | None = None,
     lora: str | Path | None = None,
+    vision_encoder: str | Path | None = None,
 ) -> tuple[MiniMindForCausalLM, Any]:
     """Load any supported checkpoint as our model (eval mode) plus its tokenizer.
 
     dtype None keeps the checkpoint's floating dtype on GPU and uses float32 on CPU. The tokenizer comes from
     `tokenizer=` or from beside the source; `lora=` is a PEFT adapter directory merged into the weights.
     """
-    model_config, state, tok_dir, gguf = read_checkpoint(source, preset=preset, config=config)
+    model_config, state, tok_dir, gguf = read_checkpoint(
+        source, preset=preset, config=config, vision_encoder=vision_encoder
+    )
     model = build_model(model_config, state, str(source))
     target = resolve_dtype(dtype, device) or stored_dtype(state)
     model = model.to(device=device, dtype=target).eval()
@@ -87,9 +90,16 @@ def load_model(
 
 
 def read_checkpoint(
-    source: str | Path, *, preset: str | None = None, config: str | Path | None = None
+    source: str | Path,
+    *,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    vision_encoder: str | Path | None = None,
 ) -> tuple[MiniMindConfig, dict[str, torch.Tensor], Path, str | None]:
-    """(config, state_dict in our layout, directory to look for a tokenizer in, gguf file name or None)."""
+    """(config, state_dict in our layout, directory to look for a tokenizer in, gguf file name or None).
+
+    A .pth with a vision encoder (`vision_encoder=` or `vision_encoder/` beside it, upstream minimind-v's
+    layout) is read as a vision-language model (models/vision)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -107,7 +117,32 @@ def read_checkpoint(
         model_config, state = _read_gguf(path)
         return model_config, state, path.parent, path.name
     model_config, state = _read_pth(path, preset=preset, config=config)
+    model_config, state = _with_vision_encoder(path, model_config, state, config, vision_encoder)
     return model_config, state, path.parent, None
+
+
+def _with_vision_encoder(
+    path: Path,
+    llm_config: MiniMindConfig,
+    state: dict[str, torch.Tensor],
+    config: str | Path | None,
+    vision_encoder: str | Path | None,
+) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """The VLM config and state when an encoder is given or found beside `path`; the LLM's otherwise."""
+    from models.vision.checkpoint import UPSTREAM_VLM_TYPE, encoder_state, find_vision_encoder, vlm_config_from
+
+    config_file = Path(config) if config else path.parent / "config.json"
+    upstream = read_json(config_file) if config_file.is_file() else {}
+    encoder_dir = find_vision_encoder(path, vision_encoder)
+    has_projector = any(k.startswith("vision_proj.") for k in state)
+    if encoder_dir is None:
+        if has_projector or upstream.get("model_type") == UPSTREAM_VLM_TYPE:
+            raise CheckpointError(
+                f"{path}: a vision-language checkpoint, but no vision encoder: put its directory at "
+                f"{path.parent / 'vision_encoder'} or pass --vision-encoder DIR"
+            )
+        return llm_config, state
+    return vlm_config_from(llm_config, encoder_dir, upstream), {**state, **encoder_state(encoder_dir)}
 
 
 def build_model(config: MiniMindConfig, state: dict[str, torch.Tensor], where: str) -> MiniMindForCausalLM:
@@ -116,8 +151,11 @@ def build_model(config: MiniMindConfig, state: dict[str, torch.Tensor], where: s
     from accelerate import init_empty_weights
 
     check_config_fits_weights(config, state, where)
+    model_class = MiniMindForCausalLM
+    if config.model_type == "minimind_vlm":
+        from models.vision import MiniMindVLMForCausalLM as model_class
     with init_empty_weights():
-        model = MiniMindForCausalLM(config)
+        model = model_class(config)
     state = check_state_dict(state, model.state_dict(), config, where)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -165,9 +203,12 @@ def _read_hf_dir(folder: Path) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]
         problem = f"field {field!r} is missing" if field not in raw else field_error(field, raw[field])
         if problem:
             raise CheckpointError(f"{where}: {problem}; set it to the model's value")
-    if model_type == "minimind":
+    if model_type in ("minimind", "minimind_vlm"):
+        config_class = MiniMindConfig
+        if model_type == "minimind_vlm":
+            from models.vision import MiniMindVLMConfig as config_class
         try:
-            model_config = MiniMindConfig.from_dict(raw)
+            model_config = config_class.from_dict(raw)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"{where}: {err}") from err
     else:

@@ -50,11 +50,25 @@ def request_template(
     return template
 
 
-def message_dict(message: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates expect it; content-part arrays become their text parts joined by newlines."""
+def message_dict(message: ChatMessage, image_text: str | None = None) -> dict[str, Any]:
+    """A message as chat templates expect it; content-part arrays become their parts joined by newlines, an image
+    part becoming `image_text` (a VLM's placeholder run). Without `image_text` an image part is a 400, never
+    silently dropped."""
     content = message.content
     if isinstance(content, list):
-        content = "\n".join(part.text for part in content if part.type == "text" and part.text is not None)
+        pieces = []
+        for part in content:
+            if part.type == "image_url":
+                if image_text is None:
+                    raise APIError(
+                        400,
+                        "image_url content parts are read only by /v1/chat/completions of a vision-language model",
+                        param="messages",
+                    )
+                pieces.append(image_text)
+            elif part.type == "text" and part.text is not None:
+                pieces.append(part.text)
+        content = "\n".join(pieces)
     out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
     if message.name:
         out["name"] = message.name
@@ -73,6 +87,7 @@ def render_chat(
     chat_template_kwargs: dict[str, Any] | None = None,
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    image_text: str | None = None,
 ) -> str:
     """The prompt text the chat template (the model's, or a trusted request's) makes of `messages` (400 if there
     is no template or it fails)."""
@@ -86,13 +101,15 @@ def render_chat(
     extra = {k: v for k, v in (chat_template_kwargs or {}).items() if k not in _RESERVED}
     try:
         return tokenizer.apply_chat_template(
-            [message_dict(m) for m in messages],
+            [message_dict(m, image_text) for m in messages],
             tools=[tool.model_dump(exclude_none=True) for tool in tools] if tools else None,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
             chat_template=chat_template,
             **extra,
         )
+    except APIError:
+        raise
     except Exception as exc:  # jinja raise_exception(), bad roles, ... : the client's messages, not a crash
         raise APIError(400, f"the chat template could not format these messages: {exc}", param="messages") from None
 

@@ -124,9 +124,15 @@ class SamplingFields(Request):
 # --- chat ----------------------------------------------------------------------------------------------
 
 
+class ImageURL(Request):
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(Request):
     type: str = "text"
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCall(Request):

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 
 from engine.backend import CompletionDelta, TokenLogprob
 from engine.reasoning import ReasoningStreamParser, reasoning_opened_by_prompt
+from server.media import load_images
 from server.params import check_fits_queue, check_model, resolve_max_tokens, sampling_params
 from server.prompts import chat_prompt, request_template
 from server.protocol import (
@@ -99,6 +100,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     use_tools = bool(body.tools) and body.tool_choice != "none"
     trusted = request.app.state.settings.trust_request_chat_template
     template = request_template(body.chat_template, body.chat_template_kwargs, trusted)
+    settings = request.app.state.settings
+    vision = getattr(backend, "vision", None)
+    images = await offload(
+        request,
+        load_images,
+        body.messages,
+        vision,
+        allowed_local_path=settings.allowed_local_media_path,
+        max_image_bytes=settings.max_image_bytes,
+    )
     prompt_text, prompt = await offload(
         request,
         chat_prompt,
@@ -108,6 +119,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         chat_template_kwargs=body.chat_template_kwargs,
         add_generation_prompt=body.add_generation_prompt,
         chat_template=template,
+        image_text=vision.image_token * vision.image_token_len if vision is not None else None,
     )
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -123,7 +135,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         ChoiceState(ReasoningStreamParser(opens_think), ToolCallStreamParser() if use_tools else None)
         for _ in range(body.n)
     ]
-    stream = run_backend(request, prompt, params, request_id)
+    stream = run_backend(request, prompt, params, request_id, images)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         deltas = await first_then_rest(stream)

@@ -48,6 +48,8 @@ class Settings:
     max_request_bytes: int = 4 << 20
     kv_cache_memory: int | None = None
     trust_request_chat_template: bool = False
+    allowed_local_media_path: str | None = None
+    max_image_bytes: int = 10 << 20
 
 
 def env_name(option: str) -> str:
@@ -121,6 +123,16 @@ OPTIONS: dict[str, tuple[type, str]] = {
         bool,
         "accept a Jinja chat template sent in a request (chat_template, or chat_template_kwargs.chat_template); "
         "without it such requests get HTTP 400. Only for clients you trust: a template is a program",
+    ),
+    "allowed_local_media_path": (
+        str,
+        "vision models: accept file:// image URLs for files under this directory (default: none; data URLs "
+        "always work, remote http(s) images are never fetched)",
+    ),
+    "max_image_bytes": (
+        byte_size,
+        "vision models: largest image accepted (bytes, or e.g. 10MiB); a larger one gets HTTP 400. The request "
+        "body limit (--max-request-bytes) applies first to data URLs",
     ),
 }
 

@@ -24,7 +24,7 @@ DISCONNECT_POLL_S = 0.25
 
 
 async def run_backend(
-    request: Request, prompt: list[int], params: SamplingParams, request_id: str
+    request: Request, prompt: list[int], params: SamplingParams, request_id: str, images: Any = None
 ) -> AsyncIterator[CompletionDelta]:
     """Deltas of one prompt; if the consumer stops early (disconnect, error) the backend aborts the request.
 
@@ -33,7 +33,7 @@ async def run_backend(
     """
     state = request.app.state
     started = time.perf_counter()
-    stream = state.backend.generate(prompt, params, request_id)
+    stream = state.backend.generate(prompt, params, request_id, **({"images": images} if images is not None else {}))
     tracked = state.metrics.track(stream, started)
     done = False
     try:

@@ -18,7 +18,7 @@ import yaml
 from models.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo", "vlm-pretrain", "vlm-sft")
 
 
 def minimind_home() -> Path:
@@ -40,7 +40,8 @@ class TrainConfig:
         "pretrain",
         "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters), dpo "
         "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags), grpo (RL from rewards on sampled "
-        "completions), ppo (RL with a critic and GAE)",
+        "completions), ppo (RL with a critic and GAE), vlm-pretrain (MiniMind-V: the image projector only), "
+        "vlm-sft (MiniMind-V: projector + LLM)",
     )
     preset: str = _f("minimind2-small", "model shape from models/presets.py, used when init_from is empty")
     model_config: dict = _f({}, "overrides of the preset's config fields, e.g. {hidden_size: 256} (YAML/JSON mapping)")
@@ -59,6 +60,10 @@ class TrainConfig:
         False, "skip malformed JSONL lines (counted in the log) instead of stopping at the first one"
     )
     cache_dir: str = _f("", "where tokenized data is cached; default MINIMIND_HOME/cache/data")
+    image_dir: str = _f("", "vlm-*: folder of the images JSONL lines name; default: the JSONL file's folder")
+    vision_encoder: str = _f(
+        "", "vlm-*: a transformers SigLIP/CLIP vision model directory that turns the init_from LLM into a MiniMind-V"
+    )
     # optimisation
     epochs: float = _f(1.0, "passes over the data (fractions allowed); ignored when max_steps > 0")
     max_steps: int = _f(0, "optimizer steps to run; 0 = derive from epochs")

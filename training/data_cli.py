@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "put the .tar.gz files there to build offline",
     )
     add_distill_arguments(sub)
+    vlm = sub.add_parser(
+        "vlm-demo",
+        help="render a synthetic picture set (shapes, colours, positions) with questions for the vlm-* stages",
+    )
+    vlm.add_argument("out", help="output directory: images/, train.jsonl, test.jsonl (created if missing)")
+    vlm.add_argument("--count", type=int, default=600, help="pictures to render (default 600; 3 questions each)")
+    vlm.add_argument("--seed", type=int, default=0, help="seed of the pictures and the split")
     pairs = sub.add_parser(
         "pairs",
         help="join two answer files of the same prompts into DPO pairs (chosen vs rejected)",
@@ -99,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "distill":
         return run_distill(args)
+    if args.action == "vlm-demo":
+        from training.vlm_demo_data import build_vlm_demo
+
+        counts = build_vlm_demo(Path(args.out).expanduser(), args.count, seed=args.seed)
+        print(f"wrote {args.out}/train.jsonl ({counts['train']}) and test.jsonl ({counts['test']}), images in images/")
+        return 0
     if args.action == "pairs":
         from training.distill_data import make_pairs
 

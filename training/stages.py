@@ -165,8 +165,20 @@ def stage_classes() -> dict[str, type[Stage]]:
     from training.grpo import GRPOStage
     from training.ppo import PPOStage
     from training.reason import ReasonStage
+    from training.vlm import VLMPretrainStage, VLMSFTStage
 
-    stages = (Stage, SFTStage, LoRAStage, DPOStage, DistillStage, ReasonStage, GRPOStage, PPOStage)
+    stages = (
+        Stage,
+        SFTStage,
+        LoRAStage,
+        DPOStage,
+        DistillStage,
+        ReasonStage,
+        GRPOStage,
+        PPOStage,
+        VLMPretrainStage,
+        VLMSFTStage,
+    )
     return {stage.name: stage for stage in stages}
 
 

@@ -364,8 +364,11 @@ class Trainer:
             model_state = {key: value.detach().cpu().clone() for key, value in model_state.items()}
             from models.model import MiniMindForCausalLM
 
+            model_class = MiniMindForCausalLM
+            if self.config.model_type == "minimind_vlm":
+                from models.vision import MiniMindVLMForCausalLM as model_class
             with torch.device("meta"):
-                final = self.stage.prepare_model(MiniMindForCausalLM(self.config), self.cfg)
+                final = self.stage.prepare_model(model_class(self.config), self.cfg)
             final.load_state_dict(model_state, strict=False, assign=True)
             if self.config.tie_word_embeddings:
                 final.lm_head.weight = final.model.embed_tokens.weight

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
 
-from engine.backend import CompletionDelta, EngineStats, ModelInfo, merge_deltas
+from engine.backend import CompletionDelta, EngineStats, ModelInfo, merge_deltas, vision_inputs
 from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.errors import EngineError, EngineShutdownError, PromptTooLongError
@@ -57,6 +57,7 @@ class NativeBackend:
             config = EngineConfig(model=model, **{"max_queue": 1024, **fields})
         self.core = build_engine(config)
         self.tokenizer = self.core.tokenizer
+        self.vision = vision_inputs(self.core.model, config.model)
         param = next(self.core.model.parameters())
         path = str(config.model) if isinstance(config.model, (str, Path)) else ""
         extra: dict[str, Any] = {
@@ -219,7 +220,7 @@ class NativeBackend:
     # ---- requests -----------------------------------------------------------------------------------------------------
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, images: Any = None
     ) -> AsyncIterator[CompletionDelta]:
         """Stream one request's deltas; raises PromptTooLongError / QueueFullError / InvalidRequestError first."""
         if not self._accepting or self._thread is None:
@@ -230,7 +231,7 @@ class NativeBackend:
         stream: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = stream
         try:
-            await self._submit(self.core.add_request, request_id, ids, params, text, wait=True)
+            await self._submit(self.core.add_request, request_id, ids, params, text, images, wait=True)
         except BaseException as err:
             del self._queues[request_id]
             if isinstance(err, asyncio.CancelledError):  # the client left while the request was being queued

@@ -12,6 +12,7 @@ weights through transformers (loaded on the first embeddings request), pooled as
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,16 @@ def _prompt_logprobs(ids: list[int], positions: Any, top: int) -> list[TokenLogp
     return out
 
 
+def refuse_vision_model(model: str | Any) -> None:
+    """vLLM has no implementation of our minimind_vlm type: say so at start-up, not at the first image."""
+    config_file = Path(str(model)) / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "minimind_vlm":
+        raise EngineError(
+            f"{model} is a MiniMind-V vision-language model, which --backend vllm cannot serve (vLLM has no "
+            "implementation of it); serve it with --backend native"
+        )
+
+
 class VllmBackend:
     """Backend protocol over `vllm.v1.engine.async_llm.AsyncLLM` (continuous batching, paged attention)."""
 
@@ -108,6 +119,7 @@ class VllmBackend:
         gpu_memory_utilization: float = 0.85,
         kv_cache_memory: int | None = None,
     ) -> None:
+        refuse_vision_model(model)
         if lora is not None:
             raise InvalidRequestError(
                 "--lora is not supported with --backend vllm: merge the adapter first "
@@ -123,6 +135,7 @@ class VllmBackend:
         from transformers import AutoTokenizer
 
         self.model_path = str(model)
+        self.vision = None  # refuse_vision_model above: text models only
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         speculative = {"model": draft_model, "num_speculative_tokens": num_speculative_tokens} if draft_model else None
         self.engine_args = AsyncEngineArgs(
@@ -176,7 +189,7 @@ class VllmBackend:
             self.engine = None
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, images: Any = None
     ) -> AsyncIterator[CompletionDelta]:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind

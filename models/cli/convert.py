@@ -16,6 +16,7 @@ examples:
   minimind convert ./my-checkpoint ./my-checkpoint-qwen3 --to auto --dtype bf16
   minimind convert ./my-checkpoint ./my-model.gguf --to gguf --quant q8_0   # llama.cpp, Ollama
   minimind convert ./my-checkpoint ./full_sft_512.pth --to pth              # upstream MiniMind's scripts
+  minimind convert out/sft_vlm_768.pth ./minimind-v --config config.json --vision-encoder ./siglip  # MiniMind-V
 """
 
 
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DTYPE",
         help=f"weight precision of OUT: {DTYPE_HELP.replace(' or auto', '')} (default: the same as SRC)",
     )
+    parser.add_argument(
+        "--vision-encoder",
+        metavar="DIR",
+        help="upstream minimind-v .pth: the transformers SigLIP/CLIP vision encoder directory (default: "
+        "vision_encoder/ beside SRC); OUT then holds encoder, projector and LLM in one directory",
+    )
     parser.add_argument("--merge-lora", metavar="ADAPTER", help="PEFT LoRA adapter directory to merge into the weights")
     parser.add_argument(
         "--force",
@@ -86,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         merge_lora=args.merge_lora,
         force=args.force,
         quant=args.quant,
+        vision_encoder=args.vision_encoder,
     )
     if args.to == "gguf":
         print(f"wrote {out} (GGUF {args.quant}, architecture {target})")
