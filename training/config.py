@@ -164,7 +164,12 @@ class TrainConfig:
     rewards: dict = _f(
         {"exact_match": 1.0},
         "grpo: weighted rewards, e.g. {exact_match: 1.0, format: 0.2}; names: exact_match, numeric_match, format, "
-        "length, repetition, or a Python function module:function",
+        "length, repetition, reward_model (the model in reward_model:), or a Python function module:function",
+    )
+    reward_model: str = _f(
+        "",
+        "grpo/ppo: a local AutoModelForSequenceClassification directory (one label) scoring each completion, used "
+        "by rewards: {reward_model: WEIGHT}; never downloaded",
     )
     max_completion_len: int = _f(
         64, "grpo: tokens sampled per completion; prompts get max_seq_len - max_completion_len tokens"

@@ -46,11 +46,12 @@ class GRPOStage(SFTStage):
             raise TrainingError("use_lora is not supported by the grpo stage yet; train all weights (use_lora: false)")
         if cfg.distributed == "fsdp":
             raise TrainingError("the grpo stage samples on unsharded weights; use distributed: ddp")
-        self.rewards = RewardSet(cfg.rewards)  # unknown names fail here, before any model is built
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_model)  # bad names and paths fail before any model is built
         return PromptDataset(cfg.data_files, tokenizer, cfg.max_seq_len - cfg.max_completion_len, cfg.skip_bad_lines)
 
     def setup(self, context: StageContext) -> None:
         cfg = self.cfg = context.cfg
+        self.rewards.to(context.device)
         self.unit = "tokens" if cfg.loss_norm == "token" else "sequences"
         if cfg.compile:
             raise TrainingError("compile is not supported by the grpo stage yet (compile: false)")
