@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.tool_calls import parse_tool_calls
 from training.errors import TrainingError
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -33,6 +34,7 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     max_tokens: int = 0
+    tool_calls: list[Any] = field(default_factory=list)  # the agent stage's calls (training/tools.py ToolResult)
 
 
 RewardFn = Callable[[Sample], float]
@@ -77,12 +79,21 @@ def repetition_penalty(sample: Sample, n: int = 3) -> float:
     return -(len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
+def tool_call_validity(sample: Sample) -> float:
+    """1 when the completion made tool calls and every one was well-formed (agent stage: parsed, a known tool,
+    ran without error; other stages: every `<tool_call>` block parses), else 0."""
+    if sample.tool_calls:
+        return float(all(result.ok for result in sample.tool_calls))
+    return float(bool(parse_tool_calls(sample.completion)[1]))
+
+
 RULES: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "numeric_match": numeric_match,
     "format": think_format,
     "length": length_penalty,
     "repetition": repetition_penalty,
+    "tool_call": tool_call_validity,
 }
 
 
