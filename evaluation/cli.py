@@ -87,6 +87,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evaluation.backends import open_model
 
+    cases = None
+    if args.task == "toolcall":  # a bad case file fails before a model is loaded
+        from evaluation.toolcall import read_cases
+
+        cases = read_cases(Path(args.data).expanduser())
     model = open_model(
         args.model,
         args.api_base,
@@ -111,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{subject}\t{accuracy}\t({entry['questions']} questions)")
         print(f"overall\t{result['accuracy']:.4f}\t({result['questions']} questions, {args.shots}-shot)")
     elif args.task == "toolcall":
-        from evaluation.toolcall import evaluate_toolcall, read_cases
+        from evaluation.toolcall import evaluate_toolcall
 
-        result = evaluate_toolcall(model, read_cases(Path(args.data).expanduser()), args.max_tokens)
+        result = evaluate_toolcall(model, cases, args.max_tokens)
         for key in ("call_accuracy", "answer_accuracy"):
             value = "n/a" if result[key] is None else f"{result[key]:.4f}"
             print(f"{key}\t{value}")

@@ -18,7 +18,7 @@ from training.tools import Tool, ToolRegistry, evaluate
 from training.tools import calculator as calculator_fn
 
 SUMS = {"3+4": "7", "2*5": "10", "9-6": "3", "8+1": "9"}
-AGENT_MODEL = {**TINY_MODEL, "max_position_embeddings": 512}
+AGENT_MODEL = {**TINY_MODEL, "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 512}
 
 
 def call(name: str, arguments: dict | str):
@@ -123,7 +123,7 @@ def caller(tmp_path_factory) -> tuple[Path, Path, Path]:
                                for n, turn in enumerate(tool_conversation(e, v))]} for e, v in SUMS.items()]  # fmt: skip
     sft = write_jsonl(tmp / "sft.jsonl", rows)
     base = train(tmp, "sft", data_path=str(sft), tokenizer=str(tokenizer), model_config=AGENT_MODEL,
-                 max_seq_len=256, max_steps=80, lr=1e-2, min_lr_ratio=1.0, batch_size=4) / "final"  # fmt: skip
+                 max_seq_len=256, max_steps=120, lr=1e-2, min_lr_ratio=1.0, batch_size=4) / "final"  # fmt: skip
     prompts = [{"messages": [{"role": "user", "content": e}], "answer": v} for e, v in SUMS.items()]
     return base, write_jsonl(tmp / "rl.jsonl", prompts), tokenizer
 
@@ -172,3 +172,64 @@ def test_the_agent_stage_trains_on_rewarded_tool_calls(tmp_path, caller):
     assert rows[1]["tool_calls"] > 0.5 and rows[1]["turns"] > 1.5
     assert rows[1]["reward/tool_call"] > 0.5 and rows[1]["reward/numeric_match"] > 0
     assert (run / "final" / "model.safetensors").is_file()
+
+
+# ---- minimind eval toolcall ---------------------------------------------------------------------------------------
+
+
+def toolcall_cases(path: Path) -> Path:
+    from training.tools import calculator_tool
+
+    tools = [calculator_tool().schema()]
+    rows = [
+        {"prompt": e, "tools": tools, "expected_call": {"name": "calculator", "arguments": {"expression": e}},
+         "tool_result": v, "answer": v}
+        for e, v in SUMS.items()
+    ]  # fmt: skip
+    rows.append({"prompt": "3+4", "tools": tools, "expected_call": {"name": "lookup"}})  # a wrong tool: not correct
+    rows.append(
+        {"prompt": "2*5", "tools": tools, "expected_call": {"name": "calculator"}, "tool_result": "11", "answer": "11"}
+    )  # fmt: skip   (the answer follows the tool's result, not the model's memory)
+    return write_jsonl(path, rows)
+
+
+def test_eval_toolcall_in_process_and_against_a_live_server_agree(tmp_path, caller, capsys, monkeypatch):
+    from minimind.cli import main
+    from tests.test_server_support import start_server
+
+    base, _, _ = caller
+    cases = toolcall_cases(tmp_path / "cases.jsonl")
+    local_file, remote_file = tmp_path / "local.json", tmp_path / "remote.json"
+    assert main(["eval", "toolcall", "--model", str(base), "--data", str(cases), "--json", str(local_file)]) == 0
+    printed = capsys.readouterr().out
+    local = json.loads(local_file.read_text())
+    assert local["cases"] == 6 and f"call_accuracy\t{local['call_accuracy']:.4f}" in printed
+    for expression, row in zip(SUMS, local["results"]):  # the scorer: right tool, arguments equal as JSON
+        assert row["call_correct"] == (row["calls"][:1] == [["calculator", json.dumps({"expression": expression})]])
+    assert sum(row["call_correct"] for row in local["results"][:4]) >= 2  # the trained model mostly calls right
+    assert local["results"][4]["call_correct"] is False and "answer_correct" not in local["results"][4]
+    assert local["call_accuracy"] >= 3 / 6 and local["answer_accuracy"] >= 3 / 5
+    server = start_server("--api-key", "tool-key", "--max-model-len", "512", model=base)
+    monkeypatch.setenv("OPENAI_API_KEY", "tool-key")
+    assert main(["eval", "toolcall", "--api-base", server.url, "--data", str(cases), "--json", str(remote_file)]) == 0
+    remote = json.loads(remote_file.read_text())
+    for mine, theirs in zip(local["results"], remote["results"]):
+        assert (mine["calls"], mine["reply"]) == (theirs["calls"], theirs["reply"])
+    assert remote["call_accuracy"] == local["call_accuracy"] and remote["answer_accuracy"] == local["answer_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("{not json", "cases.jsonl:1: invalid JSON"),
+        ('{"prompt": "hi"}', 'nothing to check; give "expected_call", "answer" or both'),
+        ('{"prompt": "hi", "expected_call": {"arguments": {}}}', '"expected_call" must be {"name"'),
+        ('{"prompt": "hi", "tools": {"a": 1}, "answer": "1"}', '"tools" must be a list of OpenAI tool objects'),
+    ],
+)
+def test_bad_toolcall_cases_name_the_line(tmp_path, capsys, line, message):
+    from minimind.cli import main
+
+    cases = write_jsonl(tmp_path / "cases.jsonl", [line])
+    assert main(["eval", "toolcall", "--model", str(tmp_path), "--data", str(cases)]) == 1
+    assert message in capsys.readouterr().err
