@@ -76,7 +76,12 @@ class GenerateRollouts(EngineRollouts):
         self.rollout_times, self.rollout_tokens = [], []
 
     def rollout(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        return self.timed(lambda: self.scored_batch(self.generate(items, tokenizer), items, tokenizer))
+        def make_batch() -> dict[str, torch.Tensor]:
+            start = time.perf_counter()
+            trajectories = self.generate(items, tokenizer)
+            return self.scored_batch(trajectories, items, tokenizer, time.perf_counter() - start)
+
+        return self.timed(make_batch)
 
     def generate(self, items: list[dict[str, Any]], tokenizer: Any) -> list[Trajectory]:
         cfg, model = self.cfg, self.model

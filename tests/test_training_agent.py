@@ -171,7 +171,20 @@ def test_the_agent_stage_trains_on_rewarded_tool_calls(tmp_path, caller):
     rows = metrics(run)
     assert rows[1]["tool_calls"] > 0.5 and rows[1]["turns"] > 1.5
     assert rows[1]["reward/tool_call"] > 0.5 and rows[1]["reward/numeric_match"] > 0
+    assert rows[1]["rollout_tokens_per_s"] > 0
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_sigkill_mid_agent_then_resume_equals_an_uninterrupted_run(tmp_path, caller):
+    """Multi-turn rollouts, tool calls and the reference included: the resumed run samples, calls and trains
+    exactly as the run never stopped."""
+    from tests.test_training_align_resume import run_killed_and_resumed
+
+    base, data, tokenizer = caller
+    # no dropout: this model is so sure of its calls that dropping units makes log-ratios to the reference explode
+    flags = dict(max_steps=12, save_every=5, keep_last=2, lr=1e-3, beta=0.04, grad_accum=2)
+    run_killed_and_resumed(tmp_path, "agent", data, init_from=str(base), tokenizer=str(tokenizer),
+                           model_config=AGENT_MODEL, **{**AGENT_FLAGS, **flags})  # fmt: skip
 
 
 # ---- minimind eval toolcall ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ the tokens the model sampled, in every turn. Tool turns are context only: no los
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -58,7 +59,9 @@ class AgentStage(GRPOStage):
     def rollout(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         seed = int(torch.randint(0, 2**62, ()))  # from the checkpointed RNG: a resumed run samples the same
+        start = time.perf_counter()
         completions = self.engine.generate([item["prompt_ids"] for item in items], self.sampling_params(seed))
+        rollout_s = time.perf_counter() - start
         trajectories = [Trajectory.start(c.prompt_index, items[c.prompt_index]["prompt_ids"]) for c in completions]
         waiting = list(range(len(trajectories)))  # the trajectories `completions` continue, in order
         for turn in range(1, cfg.max_turns + 1):
@@ -85,9 +88,11 @@ class AgentStage(GRPOStage):
                 )
                 for k in going_on
             ]
+            start = time.perf_counter()
             completions = self.engine.generate([trajectories[k].ids for k in going_on], params)
+            rollout_s += time.perf_counter() - start  # tool time is not rollout time
             waiting = going_on
-        batch = self.scored_batch(trajectories, items, tokenizer)
+        batch = self.scored_batch(trajectories, items, tokenizer, rollout_s)
         batch["tool_calls"] = torch.tensor([len(t.calls) for t in trajectories], dtype=torch.float32)
         batch["turns"] = torch.tensor([t.turns for t in trajectories], dtype=torch.float32)
         return batch

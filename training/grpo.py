@@ -16,6 +16,7 @@ that checkpoints save, so a resumed run draws the same completions as one never 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
@@ -97,18 +98,21 @@ class GRPOStage(SFTStage):
         the positions whose logits predict them, the sampling log-probabilities there and the rewards. Shared
         by the RL stages (training/ppo.py adds values and GAE to it)."""
         seed = int(torch.randint(0, 2**62, ()))  # from the checkpointed RNG: a resumed run samples the same
+        start = time.perf_counter()
         completions = self.engine.generate([item["prompt_ids"] for item in items], self.sampling_params(seed))
+        elapsed = time.perf_counter() - start
         trajectories = []
         for c in completions:
             trajectory = Trajectory.start(c.prompt_index, items[c.prompt_index]["prompt_ids"])
             trajectory.add_model_turn(c)
             trajectories.append(trajectory)
-        return self.scored_batch(trajectories, items, tokenizer)
+        return self.scored_batch(trajectories, items, tokenizer, elapsed)
 
     def scored_batch(
-        self, trajectories: list[Trajectory], items: list[dict[str, Any]], tokenizer: Any
+        self, trajectories: list[Trajectory], items: list[dict[str, Any]], tokenizer: Any, rollout_s: float
     ) -> dict[str, torch.Tensor]:
-        """The training rows of the rollouts and their rewards (the total, and each reward's own as reward/NAME)."""
+        """The training rows of the rollouts, their rewards (the total, and each reward's own as reward/NAME) and
+        the rollout speed (sampled tokens per second of engine time, `rollout_s`)."""
         samples = [
             Sample(
                 items[t.prompt_index]["messages"],
@@ -125,6 +129,8 @@ class GRPOStage(SFTStage):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         batch = training_rows(trajectories, pad)
         batch["rewards"] = torch.tensor(totals, dtype=torch.float32)
+        sampled = sum(len(t.sampled_ids()) for t in trajectories)
+        batch["rollout_tokens_per_s"] = torch.tensor(sampled / max(rollout_s, 1e-9), dtype=torch.float32)
         for name, values in parts.items():
             batch[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)
         return batch
@@ -176,6 +182,7 @@ class GRPOStage(SFTStage):
             "reward_std": groups.std(dim=1, unbiased=False).mean(),
             "clip_fraction": (clipped & mask).sum() / tokens,
             "completion_len": mask.sum(-1).float().mean(),
+            "rollout_tokens_per_s": batch["rollout_tokens_per_s"],
         }
         if ref_logps is not None:
             values["kl"] = (k3_kl(logps, ref_logps) * mask).sum() / tokens
