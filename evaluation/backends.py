@@ -33,6 +33,11 @@ class EvalModel(Protocol):
     def complete(self, prompt: str, max_tokens: int, chat: bool) -> str:
         """A greedy answer: a plain continuation, or (chat) the assistant's reply to `prompt` as a user turn."""
 
+    def chat_with_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """A greedy reply to a conversation with `tools` listed: (its text, its calls as (name, arguments JSON))."""
+
 
 class LocalModel:
     """A checkpoint loaded with models.loader, scored with full forward passes (no KV cache needed)."""
@@ -105,6 +110,20 @@ class LocalModel:
             out = self._llm.generate(prompt, params)
         return out[0].outputs[0].text
 
+    def chat_with_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        from engine.llm import LLM
+        from engine.sampling_params import SamplingParams
+        from models.tool_calls import parse_tool_calls
+
+        if self._llm is None:
+            self._llm = LLM(self.model, device=self.device, tokenizer=self.tokenizer)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        text = self._llm.chat(messages, params, chat_template_kwargs={"tools": tools or None})[0].outputs[0].text
+        content, calls = parse_tool_calls(text)  # as the server reads them
+        return content or "", [(c.name, c.arguments) for c in calls]
+
 
 class ApiModel:
     """An OpenAI-compatible server (ours, vLLM, llama.cpp's server) through the `openai` SDK."""
@@ -169,6 +188,22 @@ class ApiModel:
             return reply.choices[0].text
         except openai.OpenAIError as err:
             raise EvalError(f"generation request failed: {err}") from err
+
+    def chat_with_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        import openai
+
+        extra = {"tools": tools} if tools else {}
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.name, messages=messages, max_tokens=max_tokens, temperature=0, **extra
+            )
+        except openai.OpenAIError as err:
+            raise EvalError(f"generation request failed: {err}") from err
+        message = reply.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        return message.content or "", calls
 
 
 def open_model(

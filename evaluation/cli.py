@@ -1,5 +1,5 @@
-"""`minimind eval mc|ppl|chat`: multiple-choice accuracy, perplexity and a canned-prompt smoke test, on a
-checkpoint in this process (--model) or an OpenAI-compatible server (--api-base)."""
+"""`minimind eval mc|ppl|chat|toolcall`: multiple-choice accuracy, perplexity, a canned-prompt smoke test and
+tool calling, on a checkpoint in this process (--model) or an OpenAI-compatible server (--api-base)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ examples:
   minimind eval mc --model runs/sft/final --data ceval/val --shots 5 --json results.json
   minimind eval ppl --model runs/pretrain/final --data data/demo/pretrain.jsonl --window 512 --stride 256
   minimind eval chat --model runs/sft/final --stage sft
+  minimind eval toolcall --model runs/agent/final --data toolcall.jsonl --json toolcall-results.json
   OPENAI_API_KEY=KEY minimind eval mc --api-base http://127.0.0.1:8000 --data arc_easy.jsonl
 """
 
@@ -58,6 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pretrain: plain continuations; sft: chat answers; all: both (default)",
     )
     chat.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default: 64)")
+    toolcall = sub.add_parser(
+        "toolcall", help="tool calling: fraction of correct calls and of correct final answers (docs/eval.md)"
+    )
+    _model_arguments(toolcall)
+    toolcall.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help='JSONL cases {"messages", "tools", "expected_call", "tool_result", "answer"} (docs/eval.md)',
+    )
+    toolcall.add_argument("--max-tokens", type=int, default=128, help="tokens per model turn (default: 128)")
+    toolcall.add_argument("--json", metavar="FILE", help="also write the result (per case: calls, reply) as JSON")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +87,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evaluation.backends import open_model
 
+    cases = None
+    if args.task == "toolcall":  # a bad case file fails before a model is loaded
+        from evaluation.toolcall import read_cases
+
+        cases = read_cases(Path(args.data).expanduser())
     model = open_model(
         args.model,
         args.api_base,
@@ -97,6 +115,14 @@ def run(args: argparse.Namespace) -> int:
             accuracy = "n/a" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
             print(f"{subject}\t{accuracy}\t({entry['questions']} questions)")
         print(f"overall\t{result['accuracy']:.4f}\t({result['questions']} questions, {args.shots}-shot)")
+    elif args.task == "toolcall":
+        from evaluation.toolcall import evaluate_toolcall
+
+        result = evaluate_toolcall(model, cases, args.max_tokens)
+        for key in ("call_accuracy", "answer_accuracy"):
+            value = "n/a" if result[key] is None else f"{result[key]:.4f}"
+            print(f"{key}\t{value}")
+        print(f"cases\t{result['cases']}")
     else:
         from evaluation.ppl import evaluate_ppl, read_documents
 

@@ -50,7 +50,7 @@ def run_killed_and_resumed(tmp: Path, stage: str, data: Path, **flags) -> None:
     reference, after = metrics(whole), metrics(killed)
     for step in range(resumed_from + 1, total + 1):
         for key, value in reference[step].items():
-            if key not in ("tokens_per_s", "step", "lr"):
+            if key not in ("tokens_per_s", "rollout_tokens_per_s", "step", "lr"):  # clocks differ
                 assert abs(after[step][key] - value) <= 1e-6, (step, key)
     assert_same_model(whole, killed, atol=1e-6)
 

@@ -18,7 +18,7 @@ import yaml
 from models.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo", "vlm-pretrain", "vlm-sft")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo", "agent", "vlm-pretrain", "vlm-sft")
 
 
 def minimind_home() -> Path:
@@ -40,7 +40,7 @@ class TrainConfig:
         "pretrain",
         "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters), dpo "
         "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags), grpo (RL from rewards on sampled "
-        "completions), ppo (RL with a critic and GAE), vlm-pretrain (MiniMind-V: the image projector only), "
+        "completions), ppo (RL with a critic and GAE), agent (grpo with multi-turn tool-calling rollouts), vlm-pretrain (MiniMind-V: the image projector only), "
         "vlm-sft (MiniMind-V: projector + LLM)",
     )
     preset: str = _f("minimind2-small", "model shape from models/presets.py, used when init_from is empty")
@@ -164,7 +164,12 @@ class TrainConfig:
     rewards: dict = _f(
         {"exact_match": 1.0},
         "grpo: weighted rewards, e.g. {exact_match: 1.0, format: 0.2}; names: exact_match, numeric_match, format, "
-        "length, repetition, or a Python function module:function",
+        "length, repetition, reward_model (the model in reward_model:), or a Python function module:function",
+    )
+    reward_model: str = _f(
+        "",
+        "grpo/ppo: a local AutoModelForSequenceClassification directory (one label) scoring each completion, used "
+        "by rewards: {reward_model: WEIGHT}; never downloaded",
     )
     max_completion_len: int = _f(
         64, "grpo: tokens sampled per completion; prompts get max_seq_len - max_completion_len tokens"
@@ -179,6 +184,12 @@ class TrainConfig:
     lam: float = _f(0.95, "ppo: GAE lambda (1 = Monte Carlo returns, 0 = one-step TD)")
     value_clip: float = _f(0.2, "ppo: the critic's values move at most this far from the rollout's per update")
     vf_coef: float = _f(0.1, "ppo: weight of the value loss beside the policy loss (actor and critic share the model)")
+
+    # tool-use RL (agent; also uses the grpo options above)
+    tools: list = _f(["calculator"], "agent: the sandboxed tools the model may call: calculator, lookup")
+    tool_lookup_file: str = _f("", "agent: JSON object file the lookup tool reads ({key: value, ...})")
+    tool_timeout_s: float = _f(1.0, "agent: wall-clock limit of one tool call, in seconds")
+    max_turns: int = _f(3, "agent: model turns per rollout (a tool turn follows each call but the last)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,9 +216,9 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.stage != "lora" or bool(self.init_from), "init_from", "must name the model LoRA adapts (lora stage)"),
             (
-                self.beta > 0 or (self.stage in ("grpo", "ppo") and self.beta == 0),
+                self.beta > 0 or (self.stage in ("grpo", "ppo", "agent") and self.beta == 0),
                 "beta",
-                "must be positive (grpo, ppo: or 0)",
+                "must be positive (grpo, ppo, agent: or 0)",
             ),
             (self.dpo_loss in ("sigmoid", "ipo"), "dpo_loss", "must be sigmoid or ipo"),
             (0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
@@ -230,13 +241,15 @@ class TrainConfig:
             (self.epsilon_high >= 0, "epsilon_high", "must not be negative"),
             (self.loss_norm in ("sequence", "token"), "loss_norm", "must be sequence or token"),
             (
-                self.stage not in ("grpo", "ppo") or 1 <= self.max_completion_len < self.max_seq_len,
+                self.stage not in ("grpo", "ppo", "agent") or 1 <= self.max_completion_len < self.max_seq_len,
                 "max_completion_len",
                 "must be at least 1 and below max_seq_len (the prompt needs room)",
             ),
             (self.rollout_temperature > 0, "rollout_temperature", "must be positive"),
             (0 < self.rollout_top_p <= 1, "rollout_top_p", "must be in (0, 1]"),
             (self.rollout_kv_cache_mb >= 1, "rollout_kv_cache_mb", "must be at least 1"),
+            (self.max_turns >= 1, "max_turns", "must be at least 1"),
+            (self.tool_timeout_s > 0, "tool_timeout_s", "must be positive"),
         ]
         for ok, name, why in checks:
             if not ok:
