@@ -91,7 +91,7 @@ class BlockTables:
             self.pool.queries += seq.num_prompt_tokens
             self.pool.hits += len(hits) * self.block_size
         if hits:
-            self.tables[slot, : len(hits)] = torch.tensor(hits)
+            self._write_row(slot, 0, hits)
         return len(hits) * self.block_size
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
@@ -104,8 +104,13 @@ class BlockTables:
         taken = min(len(new), self.reserved[slot])
         self.reserved[slot] -= taken
         self.outstanding -= taken
-        self.tables[slot, len(have) : need] = torch.tensor(new)
+        self._write_row(slot, len(have), new)
         have.extend(new)
+
+    def _write_row(self, slot: int, first: int, blocks: list[int]) -> None:
+        # Queued like the runner's input buffers (non_blocking): a blocking copy would make the host wait for the
+        # device at every new block and stall the pipelined decode loop.
+        self.tables[slot, first : first + len(blocks)].copy_(torch.tensor(blocks), non_blocking=True)
 
     def computed(self, seq: Sequence, token_ids: list[int] | None = None, num_computed: int | None = None) -> None:
         """Register the blocks whose every position now holds final keys (of `token_ids`, default the prompt),

@@ -193,3 +193,23 @@ def test_block_pool_shares_counts_and_evicts_least_recently_freed():
     assert other not in first and pool.lookup(hashes) == first
     evicted = pool.take()
     assert evicted == first[2] and pool.lookup(hashes) == first[:2]
+
+
+def test_prefix_cache_counters_reach_the_metrics_page(model, tokenizer):
+    """The engine's counters as the server's /metrics renders them, under vLLM's names with our prefix."""
+    from server.metrics import ServerMetrics
+
+    llm = make_llm(model, tokenizer, kv_cache="paged")
+    prompt = prompts((40,))[0]
+    llm.generate([prompt, prompt + [5]], greedy(2))
+    llm.generate([prompt], greedy(2))
+
+    class EngineStatsOnly:  # the one call ServerMetrics makes at scrape time, answered by the real engine
+        stats = llm.engine.stats
+
+    page = ServerMetrics(EngineStatsOnly(), "m").render().decode()
+    stats = llm.engine.stats()
+    # the first two prompts are prefilled together (nothing cached yet); the third finds 2 blocks of the first
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (121, 32)
+    assert 'minimind:prefix_cache_queries_total{model_name="m"} 121.0' in page
+    assert 'minimind:prefix_cache_hits_total{model_name="m"} 32.0' in page
