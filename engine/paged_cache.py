@@ -133,9 +133,8 @@ class BlockTables:
         """Return the sequence's blocks; those of its final tokens (prompt and output, all but the last token,
         whose keys were never written) stay cached for a follow-up turn that re-sends them."""
         slot = seq.slot
-        self.computed(
-            seq, seq.prompt_token_ids + seq.output_token_ids, min(seq.num_computed_tokens, seq.num_tokens - 1)
-        )
+        final = seq.num_tokens - 1 if seq.is_prefilled else seq.num_computed_tokens
+        self.computed(seq, seq.prompt_token_ids + seq.output_token_ids, final)
         self.pool.release(self.blocks[slot])
         self.outstanding -= self.reserved[slot]
         self.reserved[slot] = 0

@@ -213,3 +213,17 @@ def test_prefix_cache_counters_reach_the_metrics_page(model, tokenizer):
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (121, 32)
     assert 'minimind:prefix_cache_queries_total{model_name="m"} 121.0' in page
     assert 'minimind:prefix_cache_hits_total{model_name="m"} 32.0' in page
+
+
+def test_a_follow_up_turn_reuses_the_blocks_of_the_reply(model, tokenizer):
+    """Turn 2 re-sends turn 1's prompt and reply: every full block of them (all but the reply's last token, whose
+    keys were never computed) is found, and the tokens are those of the contiguous cache."""
+    prompt = prompts((40,))[0]
+    llm = make_llm(model, tokenizer, kv_cache="paged")
+    reply = token_ids(llm.generate([prompt], greedy(30)))[0]
+    follow_up = prompt + reply + [5, 6]
+    before = pool_of(llm).hits
+    second = token_ids(llm.generate([follow_up], greedy(8)))[0]
+    assert pool_of(llm).hits - before == (40 + 30 - 1) // 16 * 16
+    assert second == token_ids(make_llm(model, tokenizer).generate([follow_up], greedy(8)))[0]
+    assert_pool_full(llm)
