@@ -167,10 +167,14 @@ class CacheView:
     def _write_index(self, pos: torch.Tensor, padding: torch.Tensor | None) -> None:
         # Padding goes to the spare column past max_len, which no history slice includes.
         self._pos = pos if padding is None else pos.masked_fill(padding, self.cache.max_len)
+        self._padded = padding is not None
 
     def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.cache.k_full[layer_idx][self._rows, :, self._pos] = k.transpose(1, 2)
-        self.cache.v_full[layer_idx][self._rows, :, self._pos] = v.transpose(1, 2)
+        # Only a padded prefill (eager) writes through the full tensors; the compiled step keeps writing the views
+        # it always wrote (inductor's freezing pass failed on the other form).
+        keys, values = (self.cache.k_full, self.cache.v_full) if self._padded else (self.cache.k, self.cache.v)
+        keys[layer_idx][self._rows, :, self._pos] = k.transpose(1, 2)
+        values[layer_idx][self._rows, :, self._pos] = v.transpose(1, 2)
 
     def _history(self, layer_idx: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, Hkv, kv_len, D] of the rows' first kv_len positions."""

@@ -189,7 +189,10 @@ class ModelRunner:
             return self._forward(tokens, start, index, needed, masked)
         batch = _pick(self.batch_buckets, max(slots) + 1)
         kv_len = _pick(self.len_buckets, needed)
-        host_start = [0] * batch  # free slots in the bucket compute at position 0
+        # Rows of the bucket outside this batch (free slots, a prompt between two prefill chunks) still run: they
+        # write their junk key at the cache's last positions, which no prompt reaches (prompts end before
+        # max_model_len) and which a sequence overwrites before it reads them; position 0 would clobber a prompt.
+        host_start = [self.cache.max_len - num_new] * batch
         for slot, start in zip(slots, starts):
             host_start[slot] = start
         self.start_buf[:batch].copy_(torch.tensor(host_start), non_blocking=True)
