@@ -257,3 +257,29 @@ def test_compiled_bucketed_steps_leave_a_prompt_between_chunks_intact(model, tok
                 tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
         outputs.append(tokens)
     assert outputs[0] == outputs[1] and len(outputs[0]["l"]) == 40
+
+
+def test_kv_cache_flags_reach_the_engine_config(capsys):
+    import argparse
+
+    from engine.cli.args import add_model_arguments, engine_config_from_args
+    from server import settings as server_settings
+
+    def parse(argv: list[str], env: dict[str, str]) -> server_settings.Settings:
+        serve = argparse.ArgumentParser()
+        server_settings.add_arguments(serve)
+        return server_settings.from_args(serve.parse_args(argv), env)
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    config = engine_config_from_args(parser.parse_args(["--kv-cache", "paged", "--no-enable-prefix-caching"]))
+    assert (config.kv_cache, config.enable_prefix_caching) == ("paged", False)
+    assert engine_config_from_args(parser.parse_args([])).kv_cache == "contiguous"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache", "pages"])
+    assert "invalid choice: 'pages'" in capsys.readouterr().err
+    served = parse(["--kv-cache", "paged", "--no-enable-prefix-caching"], {})
+    assert (served.kv_cache, served.enable_prefix_caching) == ("paged", False)
+    assert parse([], {"MINIMIND_KV_CACHE": "paged"}).kv_cache == "paged" and parse([], {}).kv_cache == "contiguous"
+    with pytest.raises(server_settings.SettingsError, match="MINIMIND_KV_CACHE='pages': choose one of contiguous"):
+        parse([], {"MINIMIND_KV_CACHE": "pages"})
