@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine.backend import Backend, CompletionDelta
@@ -21,6 +22,23 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class PrefixCacheCounters:
+    """vLLM's prefix-cache counters (prompt tokens looked up, tokens found), read from the engine at scrape time."""
+
+    def __init__(self, backend: Backend, model_name: str) -> None:
+        self.backend, self.model_name = backend, model_name
+
+    def collect(self):
+        stats = self.backend.stats()
+        for name, text, value in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}{name}", text, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
 
 
 class ServerMetrics:
@@ -36,6 +54,7 @@ class ServerMetrics:
         self.running.labels(model_name).set_function(lambda: backend.stats().running)
         self.waiting.labels(model_name).set_function(lambda: backend.stats().waiting)
         self.cache_usage.labels(model_name).set_function(lambda: backend.stats().cache_usage)
+        r.register(PrefixCacheCounters(backend, model_name))
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", labels, registry=r)
         self.request_success = Counter(

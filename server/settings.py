@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_LAYOUTS, EngineConfig
 from minimind.errors import MiniMindError
 from minimind.sizes import byte_size, format_size
 from models.dtypes import DTYPE_HELP, dtype_name
@@ -47,6 +47,8 @@ class Settings:
     log_level: str = "info"
     max_request_bytes: int = 4 << 20
     kv_cache_memory: int | None = None
+    kv_cache: str = EngineConfig.kv_cache
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     trust_request_chat_template: bool = False
     allowed_local_media_path: str | None = None
     max_image_bytes: int = 10 << 20
@@ -76,8 +78,9 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_num_seqs": (int, "most requests decoded together in one batch (continuous batching)"),
     "max_prefill_tokens": (
         int,
-        "native backend: most prompt tokens admitted into one prefill step (a longer prompt still runs, alone); "
-        "lower it to shorten the pause that admitting new requests causes to running streams",
+        "native backend: most prompt tokens computed in one prefill step (vLLM's --max-num-batched-tokens); a "
+        "longer prompt is prefilled in chunks of this size with decode steps between them; lower it to shorten the "
+        "pause that admitting new requests causes to running streams",
     ),
     "max_queue": (
         int,
@@ -119,6 +122,16 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "native backend: memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many requests run at once "
         "(logged at start-up); unset: half the free GPU memory, or 2GiB on the CPU",
     ),
+    "kv_cache": (
+        str,
+        "native backend: KV cache layout, 'contiguous' (a max-model-len slot per request) or 'paged' (16-token "
+        "blocks taken as tokens arrive, with prefix caching; see docs/engine.md)",
+    ),
+    "enable_prefix_caching": (
+        bool,
+        "native backend with --kv-cache paged: reuse the cached blocks of identical prompt prefixes (system "
+        "prompt, re-sent chat history). Variable: 1/true or 0/false",
+    ),
     "trust_request_chat_template": (
         bool,
         "accept a Jinja chat template sent in a request (chat_template, or chat_template_kwargs.chat_template); "
@@ -136,7 +149,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
 }
 
-CHOICES = {"backend": ("native", "vllm"), "log_level": ("debug", "info", "warning", "error")}
+CHOICES = {
+    "backend": ("native", "vllm"),
+    "kv_cache": KV_CACHE_LAYOUTS,
+    "log_level": ("debug", "info", "warning", "error"),
+}
 
 
 def _parse_env(name: str, kind: type, raw: str) -> Any:
