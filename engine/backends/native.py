@@ -292,13 +292,7 @@ class NativeBackend:
         return vectors
 
     def stats(self) -> EngineStats:
-        scheduler = self.core.scheduler
-        return EngineStats(
-            running=len(scheduler.running),
-            waiting=len(scheduler.waiting),
-            cache_usage=self.core.cache.usage,
-            free_slots=self.core.cache.num_free,
-        )
+        return self.core.stats()
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
