@@ -29,6 +29,7 @@ from engine.backend import CompletionDelta, EngineStats
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
+from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
@@ -332,7 +333,7 @@ class EngineCore:
                 done_rows.append(row)
         if not done:
             return done, None
-        return done, last[torch.tensor(done_rows, device=last.device)]
+        return done, last[to_device(done_rows, last.device)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prefill: bool = False) -> Launched:
         """Queue sampling from logits [B, V]: the tokens go to the slots' input buffer and start copying to the host."""
@@ -342,7 +343,7 @@ class EngineCore:
         if len(seqs) == 1 or [s.slot for s in seqs] == list(range(len(seqs))):
             self.slot_tokens[seqs[0].slot : seqs[0].slot + len(seqs)].copy_(out.token_ids)
         else:
-            self.slot_tokens[torch.tensor([s.slot for s in seqs], device=self.device)] = out.token_ids
+            self.slot_tokens[to_device([s.slot for s in seqs], self.device)] = out.token_ids
         for seq in seqs:
             seq.num_pending += 1
         return Launched(seqs, to_host(out), self.device, prefill)
@@ -372,4 +373,4 @@ class EngineCore:
         """tensor's rows of these slots: a view when they are 0..B-1 (the usual decode batch), else a gather."""
         if slots == list(range(len(slots))):
             return tensor[: len(slots)]
-        return tensor[torch.tensor(slots, device=self.device)]
+        return tensor[to_device(slots, self.device)]

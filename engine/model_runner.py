@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.paged_cache import PagedKVCache
 from models.model import MiniMindForCausalLM
@@ -195,12 +196,12 @@ class ModelRunner:
         host_start = [self.cache.max_len - num_new] * batch
         for slot, start in zip(slots, starts):
             host_start[slot] = start
-        self.start_buf[:batch].copy_(torch.tensor(host_start), non_blocking=True)
+        self.start_buf[:batch].copy_(to_device(host_start, self.device))
         if slots == list(range(batch)):
             self.tokens_buf[:batch, :num_new].copy_(tokens, non_blocking=True)
             index = None
         else:
-            index = torch.tensor(slots).to(self.device, non_blocking=True)
+            index = to_device(slots, self.device)
             self.tokens_buf[index, :num_new] = tokens.to(self.device, non_blocking=True)
         key = (batch, num_new, kv_len)
         if not self.use_graphs:  # compiled, on the CPU: no graphs to capture
