@@ -173,6 +173,31 @@ def test_vision_config_mistakes_are_named(vlm_run, fields, message):
         Trainer(run_config(tmp_path, llm, encoder, data, "vlm-sft", **fields), get_stage("vlm-sft")).setup()
 
 
+def test_vlm_sft_with_lora_trains_adapters_and_the_projector_only(vlm_run):
+    """use_lora: training/lora.py's adapters on the LLM's linear layers (none on the encoder's), the projector
+    in full; final/ is the merged VLM, final-lora/ the PEFT adapter."""
+    from models.loader import load_model
+    from training.lora import LoRALinear
+
+    tmp_path, llm, encoder, data = vlm_run
+    config = run_config(tmp_path, llm, encoder, data, "vlm-sft", use_lora=True, max_steps=2, lr=1e-2)
+    trainer = Trainer(config, get_stage("vlm-sft"))
+    trainer.setup()
+    wrapped = [name for name, m in trainer.model.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(name.startswith("model.") for name in wrapped)
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in name or name.startswith("vision_proj.") for name in trained)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    final = trainer.run()
+    assert (final.parent / "final-lora" / "adapter_model.safetensors").is_file()
+    saved, _ = load_model(final)
+    base_key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved.state_dict()[base_key], before["model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert torch.equal(
+        saved.vision_encoder.state_dict()["post_layernorm.weight"], before["vision_encoder.post_layernorm.weight"]
+    )
+
+
 def test_marker_count_must_match_the_images(vlm_run):
     tmp_path, llm, encoder, data = vlm_run
     bad = tmp_path / "bad.jsonl"

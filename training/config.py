@@ -142,8 +142,9 @@ class TrainConfig:
     )
     use_lora: bool = _f(
         False,
-        "dpo/distill/reason: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference is "
-        "then the base with adapters off (no second copy)",
+        "dpo/distill/reason/vlm-sft: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference "
+        "is then the base with adapters off (no second copy); vlm-sft puts them on the LLM only, trains the "
+        "projector in full and saves the merged model in final/ and the adapter in final-lora/",
     )
     # distillation and reasoning
     teacher: str = _f("", "distill: the teacher (HF directory or .pth); same vocabulary as the student")

@@ -205,8 +205,13 @@ class VLMPretrainStage(SFTStage):
     def prepare_model(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         model = attach_encoder(model, cfg, self.image_token_id)
         trained = self.trained_prefixes + (("vision_encoder.",) if cfg.train_vision_encoder else ())
+        if cfg.use_lora and self.name == "vlm-sft":  # adapters on the LLM's layers; the projector trains in full
+            from training.lora import apply_lora
+
+            apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, within="model.")
+            trained = tuple(p for p in trained if p not in ("model.", "lm_head.")) + ("lora_",)
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(trained)
+            param.requires_grad = name.startswith(trained) or ".lora_" in name
         if not cfg.train_vision_encoder:
             model.vision_encoder.eval()
         return model
@@ -222,6 +227,12 @@ class VLMPretrainStage(SFTStage):
 
         if cfg.save_format != "hf":
             raise TrainingError(f"stage {self.name} saves Hugging Face directories only (save_format: hf)")
+        if cfg.use_lora and self.name == "vlm-sft":  # the adapter beside, the merged VLM (projector too) in final/
+            from training.lora import merge_and_unwrap, save_adapter
+
+            lora = out_dir.with_name(out_dir.name + "-lora")
+            save_adapter(model, lora, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.init_from)
+            model = merge_and_unwrap(model)
         write_vlm_dir(out_dir, model, tokenizer, force=True)
 
 
