@@ -1,5 +1,6 @@
-"""`minimind eval mc|ppl|chat|toolcall`: multiple-choice accuracy, perplexity, a canned-prompt smoke test and
-tool calling, on a checkpoint in this process (--model) or an OpenAI-compatible server (--api-base)."""
+"""`minimind eval mc|ppl|chat|toolcall|vlm`: multiple-choice accuracy, perplexity, a canned-prompt smoke
+test, tool calling and exact-match answers about pictures, on a checkpoint in this process (--model) or an
+OpenAI-compatible server (--api-base)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ examples:
   minimind eval ppl --model runs/pretrain/final --data data/demo/pretrain.jsonl --window 512 --stride 256
   minimind eval chat --model runs/sft/final --stage sft
   minimind eval toolcall --model runs/agent/final --data toolcall.jsonl --json toolcall-results.json
+  minimind eval vlm --model runs/vlm-demo/final --data data/vlm-demo/test.jsonl
   OPENAI_API_KEY=KEY minimind eval mc --api-base http://127.0.0.1:8000 --data arc_easy.jsonl
 """
 
@@ -71,6 +73,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     toolcall.add_argument("--max-tokens", type=int, default=128, help="tokens per model turn (default: 128)")
     toolcall.add_argument("--json", metavar="FILE", help="also write the result (per case: calls, reply) as JSON")
+    vlm = sub.add_parser(
+        "vlm", help="exact-match accuracy of a MiniMind-V's answers to questions about pictures (per kind)"
+    )
+    _model_arguments(vlm)
+    vlm.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help='vlm-* JSONL: {"image": "a.png", "conversations": [user, assistant], "kind": "colour"}, e.g. the '
+        "test.jsonl of `minimind data vlm-demo`",
+    )
+    vlm.add_argument("--image-dir", metavar="DIR", help="folder the rows' image names are in (default: the file's)")
+    vlm.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (default: 16)")
+    vlm.add_argument("--json", metavar="FILE", help="also write the result (every answer) as JSON")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +123,15 @@ def run(args: argparse.Namespace) -> int:
                 answer = model.complete(prompt, args.max_tokens, chat=stage == "sft")
                 print(f"[{stage}] {prompt}\n{answer.strip()}\n")
         return 0
-    if args.task == "mc":
+    if args.task == "vlm":
+        from evaluation.vlm import evaluate_vlm, read_image_questions
+
+        image_dir = Path(args.image_dir).expanduser() if args.image_dir else None
+        result = evaluate_vlm(model, read_image_questions(Path(args.data).expanduser(), image_dir), args.max_tokens)
+        for kind, entry in result["kinds"].items():
+            print(f"{kind}\t{entry['accuracy']:.4f}\t({entry['questions']} questions)")
+        print(f"overall\t{result['accuracy']:.4f}\t({result['questions']} questions)")
+    elif args.task == "mc":
         from evaluation.mc import evaluate_mc, read_questions
 
         result = evaluate_mc(model, read_questions([Path(p).expanduser() for p in args.data]), args.shots)

@@ -64,6 +64,15 @@ class TrainConfig:
     vision_encoder: str = _f(
         "", "vlm-*: a transformers SigLIP/CLIP vision model directory that turns the init_from LLM into a MiniMind-V"
     )
+    vision_config: dict = _f(
+        {},
+        "vlm-*: instead of vision_encoder, a fresh encoder of this transformers config, e.g. {model_type: "
+        "siglip_vision_model, image_size: 32, patch_size: 8, hidden_size: 64, num_hidden_layers: 2, "
+        "num_attention_heads: 2, intermediate_size: 128}; it starts from random weights (needs train_vision_encoder)",
+    )
+    train_vision_encoder: bool = _f(
+        False, "vlm-*: train the vision encoder too (default false: frozen, as upstream trains a pretrained SigLIP)"
+    )
     # optimisation
     epochs: float = _f(1.0, "passes over the data (fractions allowed); ignored when max_steps > 0")
     max_steps: int = _f(0, "optimizer steps to run; 0 = derive from epochs")
@@ -133,8 +142,9 @@ class TrainConfig:
     )
     use_lora: bool = _f(
         False,
-        "dpo/distill/reason: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference is "
-        "then the base with adapters off (no second copy)",
+        "dpo/distill/reason/vlm-sft: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference "
+        "is then the base with adapters off (no second copy); vlm-sft puts them on the LLM only, trains the "
+        "projector in full and saves the merged model in final/ and the adapter in final-lora/",
     )
     # distillation and reasoning
     teacher: str = _f("", "distill: the teacher (HF directory or .pth); same vocabulary as the student")
@@ -250,6 +260,16 @@ class TrainConfig:
             (self.rollout_kv_cache_mb >= 1, "rollout_kv_cache_mb", "must be at least 1"),
             (self.max_turns >= 1, "max_turns", "must be at least 1"),
             (self.tool_timeout_s > 0, "tool_timeout_s", "must be positive"),
+            (
+                not (self.vision_config and self.vision_encoder),
+                "vision_config",
+                "and vision_encoder are both set; give one: a fresh encoder's config or a pretrained encoder's directory",
+            ),
+            (
+                not self.vision_config or self.train_vision_encoder,
+                "vision_config",
+                "makes an encoder of random weights, which must be trained: set train_vision_encoder: true",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:
