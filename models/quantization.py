@@ -28,6 +28,10 @@ from models.fusion import FusedLinear, fuse
 
 QUANTIZATION_CHOICES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4_0 block size
+# Shapes the kernels compute correctly (torch 2.13, CPU): the int8 kernel reads inputs 16 at a time and returns
+# wrong values or crashes for other sizes; the int4 packing wants outputs in multiples of 16.
+INT8_IN_MULTIPLE = 16
+INT4_OUT_MULTIPLE = 16
 COMPUTE_DTYPE = torch.bfloat16  # the dtype the packed kernels compute in (module docstring: why)
 
 
@@ -37,6 +41,9 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, layer: nn.Linear | FusedLinear, bits: int) -> None:
         super().__init__()
+        problem = unsupported(layer, bits)
+        if problem:
+            raise ModelError(f"cannot quantize this layer to int{bits}: {problem}")
         weight = layer.weight.detach().float()
         self.in_features, self.out_features, self.bits = weight.shape[1], weight.shape[0], bits
         self.sizes = layer.sizes if isinstance(layer, FusedLinear) else None
@@ -44,26 +51,45 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", bias)
         if bits == 8:
             packed, scales = quantize_int8(weight)
-        elif bits == 4:
-            packed, scales = pack_int4(*quantize_int4(weight))
         else:
-            raise ModelError(f"QuantizedLinear: bits must be 8 or 4, got {bits}")
+            packed, scales = pack_int4(*quantize_int4(weight))
         self.register_buffer("packed_weight", packed)
         self.register_buffer("scales", scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        if self.bits == 8:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.packed_weight, self.scales)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed_weight, INT4_GROUP_SIZE, self.scales)
+        out = self.matmul(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE))
         if self.bias is not None:
             out = out + self.bias
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out.split(self.sizes, dim=-1) if self.sizes is not None else out
 
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, in] (bfloat16) @ W^T, without the bias: one call of the packed kernel."""
+        if self.bits == 8:
+            return torch.ops.aten._weight_int8pack_mm(rows, self.packed_weight, self.scales)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed_weight, INT4_GROUP_SIZE, self.scales)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def unsupported(layer: nn.Linear | FusedLinear, bits: int) -> str | None:
+    """Why `layer` cannot be quantized to `bits` (a sentence naming the fix), or None when it can."""
+    if bits not in (8, 4):
+        return f"bits must be 8 or 4, got {bits}"
+    if layer.weight.device.type != "cpu":
+        return (
+            f"the layer is on {layer.weight.device}, and the packed int8/int4 kernels run on the CPU only; "
+            "load the model with --device cpu (on a GPU use --dtype bf16 instead)"
+        )
+    out_features, in_features = layer.weight.shape
+    if bits == 8 and in_features % INT8_IN_MULTIPLE:
+        return f"its input size {in_features} is not a multiple of {INT8_IN_MULTIPLE}"
+    if bits == 4 and in_features % INT4_GROUP_SIZE:
+        return f"its input size {in_features} is not a multiple of {INT4_GROUP_SIZE} (the int4 group size)"
+    if bits == 4 and out_features % INT4_OUT_MULTIPLE:
+        return f"its output size {out_features} is not a multiple of {INT4_OUT_MULTIPLE}"
+    return None
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,30 +120,34 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def dequantize(layer: QuantizedLinear) -> torch.Tensor:
-    """The float32 weight the layer computes with (for tests and quality checks): one identity matmul."""
-    eye = torch.eye(layer.in_features)
-    out = layer(eye)
-    out = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
-    bias = layer.bias.float() if layer.bias is not None else 0
-    return (out.float() - bias).t().contiguous()
+    """The weight the layer computes with, as float32 (for tests and quality checks): one identity matmul, whose
+    bfloat16 output rounds each code * scale to bfloat16."""
+    return layer.matmul(torch.eye(layer.in_features, dtype=COMPUTE_DTYPE)).float().t().contiguous()
 
 
 def quantize(model: nn.Module, method: str) -> nn.Module:
     """Fuse, then replace every Linear / fused layer of `model` with a QuantizedLinear, in place. `method`: int8 or
     int4 ("none" returns the model as it is). A MoE router stays float (its top-k choice is sensitive to rounding);
-    an int4 layer whose input size is not a multiple of 32 falls back to int8."""
+    a layer of a shape the int4 kernel cannot take falls back to int8, and one neither takes stays float (these are
+    tiny test shapes: every real model's sizes are multiples of 32). Returns the model."""
     if method not in QUANTIZATION_CHOICES:
         raise ModelError(f"quantization {method!r} is not supported; choose one of {', '.join(QUANTIZATION_CHOICES)}")
     if method == "none":
         return model
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ModelError(
+            f"--quantization {method} runs on the CPU only (torch's packed int8/int4 kernels), but the model is on "
+            f"{device}; use --device cpu, or on a GPU --dtype bf16 without --quantization"
+        )
     fuse(model)
-    bits = 8 if method == "int8" else 4
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, (nn.Linear, FusedLinear)) or _is_router(parent, name):
                 continue
-            layer_bits = bits if bits == 8 or child.weight.shape[1] % INT4_GROUP_SIZE == 0 else 8
-            setattr(parent, name, QuantizedLinear(child, layer_bits))
+            bits = next((b for b in ((8,) if method == "int8" else (4, 8)) if unsupported(child, b) is None), None)
+            if bits is not None:
+                setattr(parent, name, QuantizedLinear(child, bits))
     return model
 
 
