@@ -6,9 +6,11 @@ stored in 8 or 4 bits are read 4x or 8x faster than float32. torch ships the mat
 ours. The two schemes:
 
 - int8: symmetric, one scale per output channel (row): `w ~= q * scale`, q in [-127, 127].
-- int4: llama.cpp's Q4_0 scheme, groups of 32 inputs with one scale each: `w ~= (q - 8) * scale`, q in [0, 15],
-  scale = (the group's value of largest magnitude) / -8. Being the Q4_0 scheme, a Q4_0 GGUF file's blocks are
-  found again exactly from its dequantised weights (codes and scales; see docs/convert.md).
+- int4: groups of 32 inputs with a scale and a zero each: `w ~= (q - 8) * scale + zero`, q in [0, 15], each group
+  on the better of llama.cpp's Q4_0 grid (symmetric: zero 0, scale = the group's value of largest magnitude / -8)
+  and its Q4_1 grid (the group's minimum to its maximum in 15 steps). Being those schemes, a Q4_0 or Q4_1 GGUF
+  file's blocks are found again from its dequantised weights (codes exactly; scales rounded to bfloat16), so
+  loading one with int4 does not round twice (the bundled SmolLM2-135M is a Q4_1 GGUF).
 
 Activations go through the kernels in bfloat16: on the 2-core AMD EPYC here their float32 paths are 5-10x slower
 than their bfloat16 ones (the bfloat16 ones are vectorised), so scales are stored in bfloat16 and each layer
@@ -99,23 +101,38 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes 0..15 [out, in] as int32, bfloat16 scale per group of 32 inputs [out, in / 32]), the Q4_0 scheme:
-    w ~= (codes - 8) * scale with scale = the group's value of largest magnitude / -8."""
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0..15 [out, in] as int32, bfloat16 scales and zeros per group of 32 inputs [out, in / 32]):
+    w ~= (codes - 8) * scale + zero. Each group takes whichever of llama.cpp's two 4-bit grids reconstructs it
+    better (ties: Q4_0): Q4_0, symmetric (zero 0, scale = the value of largest magnitude / -8), or Q4_1, from the
+    group's minimum to its maximum. So a Q4_0 or Q4_1 GGUF's blocks are found again from its dequantised weights."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
     extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]
-    scales = (extreme / -8).to(COMPUTE_DTYPE)
-    divisor = torch.where(scales == 0, torch.ones_like(scales), scales).float()[..., None]
-    codes = (torch.round(groups / divisor) + 8).clamp(0, 15).to(torch.int32)
-    return codes.reshape(out_features, in_features), scales
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    grids = [(extreme / -8, torch.zeros_like(extreme)), ((high - low) / 15, low + 8 * (high - low) / 15)]
+    best = None
+    for scale, zero in grids:
+        scale, zero = scale.to(COMPUTE_DTYPE), zero.to(COMPUTE_DTYPE)
+        s, z = scale.float()[..., None], zero.float()[..., None]
+        codes = (torch.round((groups - z) / torch.where(s == 0, 1, s)) + 8).clamp(0, 15)
+        error = ((codes - 8) * s + z - groups).abs().amax(dim=-1)
+        if best is None:
+            best = [codes, scale, zero, error]
+            continue
+        better = error < best[3]
+        best = [torch.where(better[..., None], codes, best[0])] + [
+            torch.where(better, new, old) for new, old in ((scale, best[1]), (zero, best[2]), (error, best[3]))
+        ]
+    codes, scales, zeros, _ = best
+    return codes.to(torch.int32).reshape(out_features, in_features), scales, zeros
 
 
-def pack_int4(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 kernel's layout: codes packed two per byte, and [in / 32, out, 2] (scale, zero) pairs, zero 0
-    (the kernel computes (q - 8) * scale + zero)."""
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 kernel's layout: codes packed two per byte, and [in / 32, out, 2] (scale, zero) pairs (the kernel
+    computes (q - 8) * scale + zero)."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).transpose(0, 1).contiguous()
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     return packed, scales_and_zeros
 
 

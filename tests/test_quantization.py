@@ -71,27 +71,48 @@ def test_int8_codes_and_scales_come_back_exactly():
     assert torch.equal(dequantize(QuantizedLinear(linear(64, 48), 8)), want)
 
 
-def test_int4_packing_round_trip_gives_codes_times_scales():
+def test_int4_packing_round_trip_gives_codes_times_scales_plus_zeros():
     layer = linear(96, 32, bias=False)
-    codes, scales = quantize_int4(layer.weight.detach().float())
+    codes, scales, zeros = quantize_int4(layer.weight.detach().float())
     assert codes.min().item() >= 0 and codes.max().item() <= 15
-    assert scales.shape == (32, 3)
-    want = ((codes.float() - 8).reshape(32, 3, 32) * scales.float()[..., None]).reshape(32, 96)
-    assert torch.equal(dequantize(QuantizedLinear(layer, 4)), want.bfloat16().float())
+    assert scales.shape == zeros.shape == (32, 3)
+    assert (zeros == 0).any() and (zeros != 0).any()  # Gaussian rows: some groups on each grid
+    grouped = (codes.float() - 8).reshape(32, 3, 32) * scales.float()[..., None] + zeros.float()[..., None]
+    assert torch.equal(dequantize(QuantizedLinear(layer, 4)), grouped.reshape(32, 96).bfloat16().float())
 
 
-def test_a_q4_0_gguf_tensor_keeps_its_blocks():
-    """Requantizing llama.cpp's dequantized Q4_0 weights finds the file's codes and scales again, so loading a Q4_0
-    GGUF with int4 loses nothing beyond the scales' float16 -> bfloat16 rounding."""
-    weight = torch.randn(32, 128).numpy()
-    blocks = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_0).reshape(32 * 4, 18)
-    file_scales = torch.from_numpy(blocks[:, :2].copy().view("float16")).float().reshape(32, 4)
-    packed = torch.from_numpy(blocks[:, 2:].copy()).reshape(32, 4, 16)
-    file_codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(32, 128).int()  # low nibbles first
-    dequantized = torch.from_numpy(gguf.quants.dequantize(blocks.reshape(32, -1), gguf.GGMLQuantizationType.Q4_0))
-    codes, scales = quantize_int4(dequantized.reshape(32, 128))
-    assert torch.equal(codes, file_codes)
+def gguf_blocks(weight: torch.Tensor, qtype: gguf.GGMLQuantizationType):
+    """(file codes [rows, cols], dequantized weight, float16 scale per block) of `weight` quantized by the gguf
+    package (llama.cpp's reference quantizer)."""
+    rows, cols = weight.shape
+    data = gguf.quants.quantize(weight.numpy(), qtype)
+    dequantized = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(rows, cols)
+    blocks = data.reshape(rows * cols // 32, -1)
+    header = 2 if qtype == gguf.GGMLQuantizationType.Q4_0 else 4  # d (and m for Q4_1), float16
+    scales = torch.from_numpy(blocks[:, :2].copy().view("float16")).float().reshape(rows, -1)
+    packed = torch.from_numpy(blocks[:, header:].copy()).reshape(rows, -1, 16)
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(rows, cols).int()  # low nibbles first
+    return codes, dequantized, scales
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1])
+def test_a_q4_gguf_tensor_keeps_its_blocks(qtype):
+    """Requantizing llama.cpp's dequantized Q4_0 / Q4_1 weights finds the file's codes again, and its scales up to
+    float16 -> bfloat16 rounding: loading such a GGUF with int4 does not round the weights a second time."""
+    codes_in_file, dequantized, file_scales = gguf_blocks(torch.randn(32, 128), qtype)
+    codes, scales, zeros = quantize_int4(dequantized)
+    assert torch.equal(codes, codes_in_file)
     assert torch.equal(scales, file_scales.bfloat16())
+    if qtype == gguf.GGMLQuantizationType.Q4_0:
+        assert (zeros == 0).all()
+    relative = (dequantize_codes(codes, scales, zeros) - dequantized).norm() / dequantized.norm()
+    assert relative.item() < 0.005  # bfloat16 scales and zeros only
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    rows, cols = codes.shape
+    grouped = (codes.float() - 8).reshape(rows, -1, 32) * scales.float()[..., None] + zeros.float()[..., None]
+    return grouped.reshape(rows, cols)
 
 
 @pytest.mark.parametrize(
