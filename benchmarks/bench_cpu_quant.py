@@ -6,7 +6,7 @@ Llama-format directory): HF loads that directory as `LlamaForCausalLM`, the engi
 `minimind convert --to gguf --quant q4_0|q8_0` writes the GGUFs llama.cpp runs (the original Q4_1 file is run too).
 
 The configurations run in turn, one prompt each before the next prompt (so a change in the shared machine's load
-falls on all alike). Per configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time
+falls on all alike): first the torch ones, then the llama.cpp ones (both in one phase slow each other down). Per configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time
 of the whole call, prompt included; EOS ignored), the share of those tokens equal to the bf16 engine's at the same
 position (free-running: after the first difference the rest usually differs too), the position of the first
 difference, the share of next-token choices equal to bf16's when both read bf16's own text (teacher-forced; engine
@@ -83,9 +83,15 @@ def main() -> int:
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     if not args.skip_hf:
         runners["HF transformers fp32"] = HfRunner(model_dir, args.new_tokens)
-    tmp = tempfile.TemporaryDirectory()
-    runners.update(llama_cpp_runners(model_dir, Path(tmp.name), args))
     outputs, seconds = interleaved_generation(runners, prompt_ids)
+    # llama.cpp only after torch's runs: its OpenMP threads and torch's, spinning in one process on 2 cores, slowed
+    # both several-fold when interleaved (int8 from 43 to 5 tok/s in the same run), so the two phases are apart.
+    tmp = tempfile.TemporaryDirectory()
+    llama_runners = llama_cpp_runners(model_dir, Path(tmp.name), args)
+    llama_outputs, llama_seconds = interleaved_generation(llama_runners, prompt_ids)
+    runners.update(llama_runners)
+    outputs.update(llama_outputs)
+    seconds.update(llama_seconds)
     reference = outputs[REFERENCE]
     ppl_ids = tokenizer(args.ppl_data.read_text(encoding="utf-8"))["input_ids"] if not args.skip_ppl else None
     for name, runner in runners.items():
