@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.errors import InvalidRequestError
+from models.quantization import QUANTIZATION_CHOICES
 
 if TYPE_CHECKING:
     from models.model import MiniMindForCausalLM
@@ -30,7 +31,8 @@ class EngineConfig:
     fused or re-laid out, so that a trainer sharing it sees its own parameters; then `tokenizer` must be given).
     `max_prefill_tokens` is also the chunk size of chunked prefill (vLLM's max_num_batched_tokens).
     `compile_model`: run decode steps through torch.compile (the first decode step compiles, about a minute on a
-    GPU). `cuda_graphs=False` runs every step eagerly (for debugging)."""
+    GPU). `cuda_graphs=False` runs every step eagerly (for debugging). `quantization` applies to a
+    checkpoint the engine loads itself, on the CPU."""
 
     model: str | Path | MiniMindForCausalLM | None = None
     tokenizer: Any = None  # a tokenizer object or directory; None: the one beside the checkpoint
@@ -50,6 +52,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # tokens the draft proposes per step
     cuda_graphs: bool = True
     compile_model: bool = False
+    quantization: str = "none"  # CPU: "int8" or "int4" weight-only linear layers (models/quantization.py)
 
     @classmethod
     def from_fields(cls, source: Mapping[str, Any], **overrides: Any) -> EngineConfig:
@@ -82,6 +85,11 @@ class EngineConfig:
                 self.max_model_len is None or self.max_model_len >= 2,
                 "max_model_len",
                 f"must be at least 2, got {self.max_model_len}",
+            ),
+            (
+                self.quantization in QUANTIZATION_CHOICES,
+                "quantization",
+                f"must be one of {', '.join(QUANTIZATION_CHOICES)}, got {self.quantization!r}",
             ),
         ]
         for ok, name, problem in checks:

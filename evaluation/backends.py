@@ -45,12 +45,22 @@ class EvalModel(Protocol):
 class LocalModel:
     """A checkpoint loaded with models.loader, scored with full forward passes (no KV cache needed)."""
 
-    def __init__(self, source: str, *, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None):
+    def __init__(
+        self,
+        source: str,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        tokenizer: str | None = None,
+        quantization: str = "none",
+    ):
         from models.loader import load_model
+        from models.quantization import quantize
 
-        self.name = str(source)
+        self.name = str(source) if quantization == "none" else f"{source} ({quantization})"
         self.device = device
         self.model, self.tokenizer = load_model(source, device=device, dtype=dtype, tokenizer=tokenizer)
+        quantize(self.model, quantization)  # the engine's layers (models/quantization.py); "none" changes nothing
         self.max_len = self.model.config.max_position_embeddings
         self._llm: Any = None
         self._preprocess: Any = None
@@ -275,6 +285,9 @@ def open_model(
         raise EvalError("give exactly one of --model CHECKPOINT (run here) or --api-base URL (a server)")
     if api_base:
         import os
+
+        if local.get("quantization", "none") != "none":
+            raise EvalError("--quantization applies to --model (run here); start the server with it instead")
 
         return ApiModel(api_base, model=api_model, api_key=os.environ.get("OPENAI_API_KEY"))
     if not Path(model).expanduser().exists():

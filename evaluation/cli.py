@@ -13,6 +13,7 @@ EPILOG = """\
 examples:
   minimind eval mc --model runs/sft/final --data ceval/val --shots 5 --json results.json
   minimind eval ppl --model runs/pretrain/final --data data/demo/pretrain.jsonl --window 512 --stride 256
+  minimind eval ppl --model runs/pretrain/final --data held_out.txt --quantization int8   # vs. --dtype bf16
   minimind eval chat --model runs/sft/final --stage sft
   minimind eval toolcall --model runs/agent/final --data toolcall.jsonl --json toolcall-results.json
   minimind eval vlm --model runs/vlm-demo/final --data data/vlm-demo/test.jsonl
@@ -98,6 +99,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory when it is not beside --model")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight precision (default: fp32 on CPU)")
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "int8", "int4"],
+        default="none",
+        help="CPU, with --model: int8/int4 weight-only linear layers as `minimind serve --quantization` runs them "
+        "(compare with a --dtype bf16 run for the quality cost; default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         tokenizer=args.tokenizer,
+        quantization=args.quantization,
     )
     if args.task == "chat":
         stages = ["pretrain", "sft"] if args.stage == "all" else [args.stage]

@@ -42,6 +42,7 @@ class Settings:
     device: str | None = None
     compile: bool = False
     cuda_graphs: bool = True
+    quantization: str = "none"
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_level: str = "info"
@@ -103,6 +104,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "native backend on a GPU: replay decode steps as CUDA graphs; --no-cuda-graphs runs them eagerly (for "
         "debugging). Variable: 1/true or 0/false",
     ),
+    "quantization": (
+        str,
+        "native backend on the CPU: store the linear layers' weights in 8 or 4 bits ('int8': per channel, 'int4': "
+        "llama.cpp's Q4_0 scheme) for faster decoding with slightly different outputs; 'none' keeps --dtype",
+    ),
     "cors_origins": (
         list,
         "allow browser pages from this origin (e.g. http://localhost:3000, or * for any); repeatable",
@@ -153,6 +159,7 @@ CHOICES = {
     "backend": ("native", "vllm"),
     "kv_cache": KV_CACHE_LAYOUTS,
     "log_level": ("debug", "info", "warning", "error"),
+    "quantization": ("none", "int8", "int4"),
 }
 
 
@@ -239,6 +246,11 @@ def validate(settings: Settings) -> None:
         (
             settings.num_speculative_tokens >= 1,
             f"--num-speculative-tokens must be at least 1, got {settings.num_speculative_tokens}",
+        ),
+        (
+            settings.quantization == "none" or settings.backend == "native",
+            f"--quantization {settings.quantization} is for the native backend on the CPU; vLLM quantizes through "
+            "its own checkpoints (drop --quantization or use --backend native)",
         ),
     ]
     for ok, message in checks:

@@ -11,6 +11,7 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from minimind.sizes import byte_size
 from models.dtypes import DTYPE_CHOICES, DTYPE_HELP
+from models.quantization import QUANTIZATION_CHOICES
 
 # SamplingParams field -> flag name, to point error messages at the flag the user typed.
 _FLAG_OF = {
@@ -29,8 +30,8 @@ _FLAG_OF = {
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --tokenizer, --lora, --draft-model, --num-speculative-tokens, --device, --dtype, --max-model-len,
-    --compile, and the engine's capacity flags (--max-num-seqs, --max-prefill-tokens, --kv-cache-memory, --kv-cache,
-    --enable-prefix-caching, --no-cuda-graphs)."""
+    --quantization, --compile, and the engine's capacity flags (--max-num-seqs, --max-prefill-tokens,
+    --kv-cache-memory, --kv-cache, --enable-prefix-caching, --no-cuda-graphs)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -67,6 +68,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-model-len", type=int, default=None, help="context window in tokens, prompt + output (default: model's)"
+    )
+    group.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATION_CHOICES,
+        help="CPU: store the linear layers' weights in 8 or 4 bits (weight-only, per-channel int8 or llama.cpp's "
+        "Q4_0 scheme): faster decoding, slightly different outputs (default: none)",
     )
     group.add_argument(
         "--compile",
