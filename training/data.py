@@ -43,6 +43,13 @@ class LineStats:
 
 def iter_jsonl(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> Iterator[tuple[int, Any]]:
     """(line number, value of `key`) for each non-empty line; a bad line raises with file:line or is counted."""
+    for lineno, record in iter_jsonl_records(path, key, skip_bad_lines, stats):
+        yield lineno, record[key]
+
+
+def iter_jsonl_records(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> Iterator[tuple[int, dict]]:
+    """(line number, whole object) for each non-empty line holding a `key` field, checked as `iter_jsonl` does
+    (for rows that carry more than one field, e.g. conversations and their images)."""
     check_data_file(path)
     with os_errors(f"cannot read data file {path}", "--data-path"), path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
@@ -59,7 +66,7 @@ def iter_jsonl(path: Path, key: str, skip_bad_lines: bool, stats: LineStats) -> 
                 reason = f"invalid JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
                 bad_line(path, lineno, reason, skip_bad_lines, stats)
                 continue
-            yield lineno, record[key]
+            yield lineno, record
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -26,7 +26,7 @@ from models.vision.config import IMAGE_MARKER, IMAGE_TOKEN
 from models.vision.image import ImagePreprocessor, open_image
 from training.chat_masks import normalise_messages, tokenize_conversation
 from training.config import TrainConfig
-from training.data import IGNORE, pad_collate
+from training.data import IGNORE, LineStats, iter_jsonl_records, pad_collate
 from training.errors import TrainingError
 from training.stages import SFTStage, StageLoss, require_chat_template
 
@@ -135,22 +135,17 @@ def read_rows(path: Path, image_dir: Path) -> Any:
             images = row["image_bytes"] if isinstance(row["image_bytes"], list) else [row["image_bytes"]]
             yield f"{path} row {n}", conversations, [bytes(i) for i in images if i]
         return
-    with path.open(encoding="utf-8") as lines:
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrainingError(f"{where}: not valid JSON ({err})") from None
-            names = row.get("image") or row.get("images") or []
-            names = [s.strip() for s in names.split(",")] if isinstance(names, str) else list(names)
-            images = [image_dir / name for name in names]
-            missing = [str(p) for p in images if not p.is_file()]
-            if missing:
-                raise TrainingError(f"{where}: image file not found: {missing[0]} (set image_dir: to their folder)")
-            yield where, row.get("conversations"), images
+    # the text stages' reader: file checks, bad JSON and lone surrogates named FILE:LINE (a bad line raises here,
+    # as before; lines that parse but do not encode are counted by skip_bad_lines in VLMDataset)
+    for n, row in iter_jsonl_records(path, "conversations", False, LineStats()):
+        where = f"{path}:{n}"
+        names = row.get("image") or row.get("images") or []
+        names = [s.strip() for s in names.split(",")] if isinstance(names, str) else list(names)
+        images = [image_dir / name for name in names]
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise TrainingError(f"{where}: image file not found: {missing[0]} (set image_dir: to their folder)")
+        yield where, row["conversations"], images
 
 
 def attach_encoder(model: nn.Module, cfg: TrainConfig, image_token_id: int) -> nn.Module:
