@@ -271,3 +271,25 @@ def test_vlm_demo_data_is_readable_by_the_stage(tmp_path, vlm_run):
     )
     trainer.setup()
     assert len(trainer.dataset) == 54 and trainer.dataset[0]["pixel_values"].shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json\n", r"bad.jsonl:1: invalid JSON"),
+        ('{"image": "red.png"}\n', r'bad.jsonl:1: expected a JSON object with a "conversations" field'),
+        (
+            '{"conversations": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "x"}]}\n',
+            r"bad.jsonl:1: .*lone UTF-16 surrogate",
+        ),
+    ],
+)
+def test_bad_jsonl_lines_are_named_by_file_and_line(vlm_run, line, message):
+    tmp_path, llm, encoder, data = vlm_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line)
+    trainer = Trainer(
+        run_config(tmp_path, llm, encoder, bad, "vlm-pretrain", image_dir=str(data.parent)), get_stage("vlm-pretrain")
+    )
+    with pytest.raises(TrainingError, match=message):
+        trainer.setup()
