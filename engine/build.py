@@ -10,6 +10,7 @@ loads the draft model for speculative decoding, and caps the context window.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,20 @@ def build_engine(config: EngineConfig) -> EngineCore:
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}",
             param="max_model_len",
         )
-    return EngineCore(
+    core = EngineCore(
         target,
         tokenizer,
         dataclasses.replace(config, device=device, max_model_len=max_model_len),
         draft_model=draft,
         cpu_layouts=cpu_layouts,
     )
+    # What exists now (model, tokenizer, cache, compiled code) lives as long as the engine. Freezing it keeps the
+    # cyclic garbage collector from walking it again on every full collection; the per-token logprob objects of a
+    # long rollout trigger such collections (one full collection took 0.25 s unfrozen, 0.04 s frozen, in a
+    # 24k-token rollout on the CPU). vLLM freezes after start-up for the same reason.
+    gc.collect()
+    gc.freeze()
+    return core
 
 
 def quantize_weights(model: MiniMindForCausalLM, method: str, device_type: str, own_copy: bool) -> None:

@@ -82,8 +82,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = backend_tokenizer(tokenizer)
         self._params = params
-        self._stream = DecodeStream(
-            ids=list(prompt_token_ids[-_PROMPT_CONTEXT:]), skip_special_tokens=params.skip_special_tokens
+        self._stream = (
+            DecodeStream(ids=list(prompt_token_ids[-_PROMPT_CONTEXT:]), skip_special_tokens=params.skip_special_tokens)
+            if params.detokenize
+            else None  # token ids only: stops and max_tokens still apply, no text is made
         )
         self._eos = set() if params.ignore_eos else set(eos_token_ids)
         self._stop_ids = set(params.stop_token_ids)
@@ -145,6 +147,8 @@ class IncrementalDetokenizer:
             self._end = len(self.text)
 
     def _decode(self, token_id: int) -> None:
+        if self._stream is None:
+            return
         piece = self._stream.step(self._tokenizer, token_id)
         if piece:
             self.text += piece

@@ -32,6 +32,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow (engine/structured.py)
+    # False: token ids only, no text (vLLM's field). For callers that decode whole outputs themselves, such as RL
+    # rollouts (training/rollout.py): incremental detokenizing is most of the engine's host work per token.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +92,11 @@ class SamplingParams:
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
                 "prompt_logprobs",
                 f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}",
+            ),
+            (
+                self.detokenize or not self.stop,
+                "stop",
+                "stop strings need the output text: set detokenize=True or use stop_token_ids",
             ),
         ]
         for ok, param, message in checks:

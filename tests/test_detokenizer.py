@@ -91,6 +91,34 @@ def test_ignore_eos_and_min_tokens_delay_stopping(tok):
     assert d.finish_reason == "stop" and len(d.token_ids) == 3
 
 
+def test_detokenize_false_keeps_every_stop_rule_and_makes_no_text(tok):
+    """Token ids only: EOS, stop token ids, min_tokens and max_tokens end the output exactly as with text."""
+    eos = tok.eos_token_id
+    ids = tok.encode("hi there") + [eos] + tok.encode(" more")
+    stop_id = tok.encode(" there")[0]
+    cases = [
+        SamplingParams(max_tokens=50),
+        SamplingParams(max_tokens=50, stop_token_ids=[stop_id]),
+        SamplingParams(max_tokens=50, min_tokens=4),
+        SamplingParams(max_tokens=2),
+    ]
+    for params in cases:
+        with_text = IncrementalDetokenizer(tok, [], params, eos_token_ids=[eos])
+        params.detokenize = False
+        without = IncrementalDetokenizer(tok, [], params, eos_token_ids=[eos])
+        assert with_text.add_tokens(ids) != "" and without.add_tokens(ids) == "" and without.finish("length") == ""
+        assert without.token_ids == with_text.token_ids and without.token_ids
+        assert (without.finish_reason, without.stop_reason) == (with_text.finish_reason, with_text.stop_reason)
+
+
+def test_stop_strings_without_detokenizing_are_refused():
+    from engine.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="stop strings need the output text") as err:
+        SamplingParams(stop=["\n"], detokenize=False)
+    assert err.value.param == "stop"
+
+
 def test_max_tokens_gives_length(tok):
     ids = tok.encode("one two three four five")
     d = IncrementalDetokenizer(tok, [], SamplingParams(max_tokens=2))

@@ -215,6 +215,32 @@ def test_engine_rollout_logprobs_equal_the_trainers_recomputation(policy):
     assert model.training
 
 
+def test_rollouts_without_engine_text_get_the_same_texts_tokens_and_logprobs(policy):
+    """detokenize=False (what the grpo stage asks when it has no stop strings): the rollout decodes each completion
+    once afterwards, and everything the trainer reads equals the token-by-token path, EOS-ended rows included."""
+    from engine.sampling_params import SamplingParams
+    from training.rollout import RolloutEngine
+
+    model, tokenizer = policy
+    engine = RolloutEngine(model, tokenizer, max_model_len=64, kv_cache_bytes=1 << 20)
+    prompts = [tokenizer("the model reads")["input_ids"], tokenizer("text and")["input_ids"]]
+
+    def run(detokenize: bool, stop_token_ids: list[int]) -> list:
+        params = SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=3, logprobs=0, detokenize=detokenize,
+                                stop_token_ids=stop_token_ids)  # fmt: skip
+        return engine.generate(prompts, params)
+
+    # the most frequent sampled token becomes a stop token: some rows end with "stop", the others with "length"
+    sampled = [t for c in run(True, []) for t in c.token_ids]
+    stop = [max(set(sampled), key=sampled.count)]
+    with_text, without = run(True, stop), run(False, stop)
+    assert [c.token_ids for c in without] == [c.token_ids for c in with_text]
+    assert [c.logprobs for c in without] == [c.logprobs for c in with_text]
+    assert [c.finish_reason for c in without] == [c.finish_reason for c in with_text]
+    assert {c.finish_reason for c in with_text} == {"stop", "length"}, "the case needs both endings"
+    assert [c.text for c in without] == [c.text for c in with_text] and any(c.text for c in with_text)
+
+
 def test_rollouts_sample_from_the_weights_after_each_optimizer_step(policy):
     """The engine runs on the policy's parameters: after an optimizer step it samples the new policy."""
     from training.rollout import RolloutEngine

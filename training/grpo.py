@@ -85,6 +85,7 @@ class GRPOStage(SFTStage):
             seed=seed,
             logprobs=0,
             logprobs_mode="processed",
+            detokenize=bool(cfg.rollout_stop),  # texts are decoded once per completion (training/rollout.py)
         )
 
     def collate(self, items: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:

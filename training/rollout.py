@@ -111,14 +111,26 @@ class RolloutEngine:
             raise RuntimeError("the rollout engine must run on the policy's own parameters")
 
     def generate(self, prompts: list[list[int]], params: Any) -> list[Completion]:
-        """params.n completions of each prompt (token ids), in prompt order; the model in eval mode meanwhile."""
+        """params.n completions of each prompt (token ids), in prompt order; the model in eval mode meanwhile.
+        `params` is one SamplingParams or one per prompt. Requests with `detokenize` off (no stop strings to
+        watch) get their texts decoded here, once per completion, instead of token by token inside the engine."""
         with eval_mode(self.model), torch.no_grad():
             outputs = self.llm.generate(prompts, params)
-        completions = []
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        completions, undecoded = [], []
         for index, request in enumerate(outputs):
             for out in sorted(request.outputs, key=lambda o: o.index):
                 logprobs = [lp.logprob for lp in out.logprobs or []]
                 if len(logprobs) != len(out.token_ids):
                     raise RuntimeError("the engine returned no log-probability for some tokens (set logprobs=0)")
                 completions.append(Completion(index, list(out.token_ids), logprobs, out.text, out.finish_reason))
+                if not per_prompt[index].detokenize:
+                    undecoded.append(completions[-1])
+        if undecoded:
+            # A "stop" finish here is always a stop token (EOS or stop_token_ids; stop strings need detokenize),
+            # whose text the engine leaves out of the output: leave it out here too.
+            shown = [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids for c in undecoded]
+            skip = per_prompt[0].skip_special_tokens
+            for completion, text in zip(undecoded, self.llm.tokenizer.batch_decode(shown, skip_special_tokens=skip)):
+                completion.text = text
         return completions
