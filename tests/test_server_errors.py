@@ -9,14 +9,14 @@ import httpx
 import openai
 import pytest
 
-from tests.test_server_support import MODEL_NAME, main_server, needs_own_server, tight_server
+from tests.test_server_support import LAYOUTS, MODEL_NAME, main_server, needs_own_server, tight_server
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    return main_server()
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
+    return main_server(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.test_server_support import (
+    LAYOUTS,
     LONG_CONTEXT,
     MODEL_NAME,
     long_context_model_dir,
@@ -24,9 +25,9 @@ from tests.test_server_support import (
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    return main_server()
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
+    return main_server(request.param)
 
 
 def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
