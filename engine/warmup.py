@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from engine.errors import EngineError, QueueFullError
 from engine.sampling_params import SamplingParams
 from engine.structured import StructuredOutputsParams
 
@@ -44,9 +45,9 @@ def warm_up(core: Any) -> float:
     """Capture every decode shape and run every sampling path once; returns the seconds it took."""
     started = time.perf_counter()
     shapes = warm_decode_shapes(core)
-    warm_sampling_paths(core)
+    paths = warm_sampling_paths(core)
     seconds = time.perf_counter() - started
-    log.info("warm-up: %d decode shapes and %d sampling paths in %.1fs", shapes, len(SAMPLING_PATHS), seconds)
+    log.info("warm-up: %d decode shapes and %d sampling paths in %.1fs", shapes, paths, seconds)
     return seconds
 
 
@@ -71,11 +72,28 @@ def warm_decode_shapes(core: Any) -> int:
     return count
 
 
-def warm_sampling_paths(core: Any) -> None:
-    """A short request per sampling path, all in one batch (the batched sampler sees every path together too)."""
+def warm_sampling_paths(core: Any) -> int:
+    """A short request per sampling path, batched together as far as the queue allows (the batched sampler then
+    sees the paths side by side too). A path the server's limits refuse (n=2 with --max-queue 1, say) is refused
+    to clients as well, so it is skipped. Returns how many paths ran."""
     _, prompt = core.encode("warm-up")
+    ran = 0
     for i, fields in enumerate(SAMPLING_PATHS):
         params = SamplingParams(max_tokens=3, ignore_eos=True, **fields)
-        core.add_request(f"warm-up-{i}", list(prompt), params)
+        for attempt in range(2):
+            try:
+                core.add_request(f"warm-up-{i}", list(prompt), params)
+                ran += 1
+                break
+            except QueueFullError:
+                if attempt == 0:
+                    run_until_idle(core)  # the queue is full of earlier paths: let them finish, then retry
+            except EngineError:
+                break
+    run_until_idle(core)
+    return ran
+
+
+def run_until_idle(core: Any) -> None:
     while core.has_work():
         core.step()

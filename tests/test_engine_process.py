@@ -77,3 +77,16 @@ def test_warm_up_runs_every_sampling_path_and_leaves_the_engine_empty():
     finished = {rid for rid in seen}
     assert finished == {f"warm-up-{i}" for i in range(len(SAMPLING_PATHS))}
     assert not core.has_work() and core.cache.num_free == core.cache.num_slots
+
+
+def test_warm_up_fits_a_one_place_queue_and_skips_what_it_can_never_queue():
+    """--max-queue 1: the paths run one after another, and n=2 (which no client could send either) is skipped."""
+    from engine.build import build_engine
+    from engine.config import EngineConfig
+    from engine.warmup import SAMPLING_PATHS, warm_sampling_paths
+    from tests.test_server_support import tiny_model_dir
+
+    config = EngineConfig(model=str(tiny_model_dir()), device="cpu", max_model_len=64, max_num_seqs=1, max_queue=1)
+    core = build_engine(config)
+    assert warm_sampling_paths(core) == len(SAMPLING_PATHS) - 1
+    assert not core.has_work() and core.cache.num_free == core.cache.num_slots

@@ -103,9 +103,10 @@ def test_unknown_route_is_404_in_openai_shape(server):
     assert response.status_code == 404 and assert_openai_shape(response.json(), 404)
 
 
-def test_queue_full_is_429():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_queue_full_is_429(layout):
     """One batch slot + one queue place: of several long requests at once, some must be refused with 429."""
-    server = tight_server()
+    server = tight_server(layout)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
 
     def one(_):
