@@ -90,3 +90,76 @@ def test_warm_up_fits_a_one_place_queue_and_skips_what_it_can_never_queue():
     core = build_engine(config)
     assert warm_sampling_paths(core) == len(SAMPLING_PATHS) - 1
     assert not core.has_work() and core.cache.num_free == core.cache.num_slots
+
+
+class FailOnce:
+    """Wraps the engine's step(): the next call raises (as a CUDA error would), later ones run normally."""
+
+    def __init__(self, step) -> None:
+        self.step, self.armed = step, False
+
+    def __call__(self):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return self.step()
+
+
+def test_engine_loop_and_remote_backend_over_a_real_socket(tmp_path):
+    """The engine loop in a thread, a RemoteBackend talking to it: streams, 429, a failed step, abort, embeddings."""
+    import asyncio
+    import threading
+
+    from engine.backends.engine_process import EngineLoop, engine_info
+    from engine.backends.remote import RemoteBackend
+    from engine.build import build_engine
+    from engine.config import EngineConfig
+    from engine.errors import EngineError
+    from tests.test_server_support import tiny_model_dir
+
+    config = EngineConfig(model=str(tiny_model_dir()), device="cpu", max_model_len=128, max_num_seqs=1, max_queue=2)
+    core = build_engine(config)
+    failing = core.step = FailOnce(core.step)
+    address = f"ipc://{tmp_path}/engine.sock"
+    loop = EngineLoop(core, address, engine_info(core, config, "tiny"))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    backend = RemoteBackend(address)
+    assert backend.info.name == "tiny" and backend.tokenizer.decode(backend.tokenizer("hi")["input_ids"]) == "hi"
+
+    async def collect(request_id: str, max_tokens: int) -> list:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return [d async for d in backend.generate([1, 2, 3], params, request_id)]
+
+    async def scenario() -> None:
+        await backend.start()
+        deltas = await collect("a", 6)
+        assert sum(len(d.token_ids) for d in deltas) == 6 and deltas[-1].finish_reason == "length"
+        assert {d.request_id for d in deltas} == {"a"}
+        # one running, one waiting (429s across the channel: tests/test_server_errors.py, every layout)
+        running = asyncio.create_task(collect("b", 100))
+        waiting = asyncio.create_task(collect("c", 100))
+        await asyncio.sleep(0.3)
+        failing.armed = True  # the next step fails: both live requests end with the error
+        for task in (running, waiting):
+            with pytest.raises(EngineError, match="illegal memory access"):
+                await task
+        # the engine lives on; leaving a stream early aborts it and frees the slot
+        stream = backend.generate([1, 2], SamplingParams(max_tokens=100, ignore_eos=True), "e")
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(50):
+            await backend.refresh_stats()
+            if backend.stats().running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert backend.stats().running == 0 and backend.stats().free_slots == 1
+        vectors = await backend.embed([[1, 2, 3], [4, 5]])
+        assert len(vectors) == 2 and abs(sum(v * v for v in vectors[0]) - 1) < 1e-4
+        await backend.shutdown(drain_timeout=1)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        loop.stopped = True
+        thread.join(10)

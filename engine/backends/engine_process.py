@@ -102,18 +102,23 @@ def run_engine(
     try:
         core = build_engine(config)
         warm_up(core)
-        info = wire.EngineInfo(
-            info=pickle.dumps(model_info(core, config, served_model_name)),
-            tokenizer=pickle.dumps(core.tokenizer),
-            vision=pickle.dumps(vision_inputs(core.model, config.model)),
-            pid=os.getpid(),
-        )
-        loop = EngineLoop(core, address, wire.encoder.encode(info))
+        loop = EngineLoop(core, address, engine_info(core, config, served_model_name))
     except Exception as err:  # the launcher prints it as the CLI's error
         notice.send(("error", str(err) or type(err).__name__))
         raise SystemExit(1) from None
     notice.send(("ready",))
     loop.run()
+
+
+def engine_info(core: Any, config: EngineConfig, served_model_name: str | None) -> bytes:
+    """The encoded handshake answer (wire.EngineInfo) for this engine."""
+    info = wire.EngineInfo(
+        info=pickle.dumps(model_info(core, config, served_model_name)),
+        tokenizer=pickle.dumps(core.tokenizer),
+        vision=pickle.dumps(vision_inputs(core.model, config.model)),
+        pid=os.getpid(),
+    )
+    return wire.encoder.encode(info)
 
 
 class EngineLoop:
@@ -128,10 +133,11 @@ class EngineLoop:
         self.embeds: deque[tuple[bytes, int, Generator[None, None, list[list[float]]]]] = deque()
         self.pending: dict[bytes, wire.Outputs] = {}  # what this iteration has for each API process
         self.embed_chunk = EMBED_CHUNK_TOKENS["cpu" if core.device.type == "cpu" else "other"]
+        self.stopped = False  # set from another thread to end run() (tests run the loop in a thread)
 
     def run(self) -> None:
         parent = os.getppid()
-        while True:
+        while not self.stopped:
             busy = self.core.has_work() or bool(self.embeds)
             if self.socket.poll(0 if busy else IDLE_POLL_MS):
                 self.receive()
