@@ -97,6 +97,25 @@ def plot_serve(records: list[tuple[str, dict]], out: Path) -> dict[str, dict[str
     return drawn
 
 
+def plot_cpu_quant(record: dict, out: Path, source: str = "") -> dict[str, float]:
+    """Batch-1 output tok/s per configuration of a bench_cpu_quant.py record, one bar each."""
+    speeds = {name: entry["tok_s"] for name, entry in record.get("configs", {}).items() if "tok_s" in entry}
+    if not speeds:
+        raise ValueError(f"{source or 'record'}: no configs with tok_s to draw")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(speeds) + 1.4))
+    names = list(speeds)
+    ax.barh(names, [speeds[n] for n in names], color=["C0" if n.startswith("engine") else "C7" for n in names])
+    for y, name in enumerate(names):
+        ax.text(speeds[name], y, f" {speeds[name]:.1f}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"output tokens/s, batch 1, {record.get('threads', '?')} threads")
+    ax.set_title(_title(record, source), fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, out)
+    return speeds
+
+
 def save_figure_beside(kind: str, record: dict, json_path: Path) -> None:
     """Called by the benchmark scripts after saving: the PNG next to the JSON, or a note when matplotlib is absent."""
     try:
@@ -108,6 +127,8 @@ def save_figure_beside(kind: str, record: dict, json_path: Path) -> None:
     if kind == "engine":
         if engine_series(record):
             plot_engine(record, png, str(json_path))
+    elif kind == "cpu_quant":
+        plot_cpu_quant(record, png, str(json_path))
     else:
         plot_serve([(str(json_path), record)], png)
     print(f"drew {png}")

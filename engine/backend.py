@@ -80,6 +80,8 @@ class EngineStats:
     waiting: int
     cache_usage: float  # fraction of KV cache in use, 0..1
     free_slots: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (paged KV cache), since start
+    prefix_cache_hits: int = 0  # of those, tokens whose keys were found cached
 
 
 @dataclass

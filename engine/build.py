@@ -2,7 +2,8 @@
 (through `LLM`) `minimind generate` / `chat`.
 
 It loads the model the config names (or takes the model object given), lays out the engine's own copy for its
-device (fused projections on a GPU, CPU weight layouts on the CPU; a model object handed in is left as it is),
+device (fused projections on a GPU, CPU weight layouts or int8/int4 layers on the CPU; a model object handed in is
+left as it is),
 loads the draft model for speculative decoding, and caps the context window.
 """
 
@@ -32,7 +33,9 @@ def build_engine(config: EngineConfig) -> EngineCore:
     )
     own_copy = not isinstance(config.model, MiniMindForCausalLM)  # a model object handed in stays as it is
     cpu_layouts = None
-    if own_copy and device_type == "cpu":
+    if config.quantization != "none":
+        quantize_weights(target, config.quantization, device_type, own_copy)
+    elif own_copy and device_type == "cpu":
         cpu_layouts = CpuWeightLayouts(target)  # our own copy of the weights: lay them out per step size
     elif own_copy and device_type == "cuda":
         target.fuse()  # fewer kernels per decode step (models/fusion.py)
@@ -63,6 +66,26 @@ def build_engine(config: EngineConfig) -> EngineCore:
         draft_model=draft,
         cpu_layouts=cpu_layouts,
     )
+
+
+def quantize_weights(model: MiniMindForCausalLM, method: str, device_type: str, own_copy: bool) -> None:
+    """Replace the linear layers of the engine's own copy with int8/int4 ones (models/quantization.py); they are
+    already packed for every step size, so the CPU weight layouts are not needed."""
+    from models.quantization import quantize
+
+    if device_type != "cpu":
+        raise InvalidRequestError(
+            f"quantization {method} runs on the CPU only (torch's packed int8/int4 kernels), not on {device_type}; "
+            "use --device cpu, or on a GPU --dtype bf16 without --quantization",
+            param="quantization",
+        )
+    if not own_copy:
+        raise InvalidRequestError(
+            "quantization applies to a checkpoint the engine loads; quantize a model object yourself first "
+            "(models.quantization.quantize(model, method)) and pass it without quantization=",
+            param="quantization",
+        )
+    quantize(model, method)
 
 
 def load(

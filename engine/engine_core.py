@@ -25,13 +25,15 @@ import threading
 
 import torch
 
-from engine.backend import CompletionDelta
+from engine.backend import CompletionDelta, EngineStats
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError
+from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
+from engine.paged_cache import BLOCK_SIZE, BlockTables, PagedKVCache
 from engine.sampler import Sampler
 from engine.sampling import SamplerOutput
 from engine.sampling_params import SamplingParams
@@ -58,8 +60,8 @@ def eos_token_ids(model: MiniMindForCausalLM, tokenizer) -> list[int]:
 
 
 def kv_cache_budget(model: MiniMindForCausalLM, max_len: int, memory_bytes: int | None) -> tuple[int, int]:
-    """(memory budget, bytes one sequence's slot takes). The default budget: half the free GPU memory, or 2 GiB on
-    the CPU."""
+    """(memory budget, bytes one sequence of max_len tokens takes). The default budget: half the free GPU memory,
+    or 2 GiB on the CPU."""
     cfg = model.config
     param = next(model.parameters())
     per_slot = KVCache.bytes_per_slot(
@@ -68,6 +70,35 @@ def kv_cache_budget(model: MiniMindForCausalLM, max_len: int, memory_bytes: int 
     if memory_bytes is None:
         memory_bytes = torch.cuda.mem_get_info(param.device)[0] // 2 if param.device.type == "cuda" else 2 << 30
     return memory_bytes, per_slot
+
+
+def paged_caches(
+    config: EngineConfig, model: MiniMindForCausalLM, draft: MiniMindForCausalLM | None, max_len: int, spare: int
+) -> tuple[PagedKVCache, PagedKVCache | None]:
+    """Target and draft block caches sharing one block pool of as many blocks as the memory budget holds (no more
+    than max_num_seqs sequences of max_len tokens can use, and never fewer than one such sequence needs)."""
+    device = next(model.parameters()).device
+    per_block = 0
+    for m in (model, draft):
+        if m is not None:
+            cfg = m.config
+            dtype = next(m.parameters()).dtype
+            per_block += PagedKVCache.bytes_per_block(
+                cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype
+            )
+    budget, _ = kv_cache_budget(model, max_len, config.kv_cache_memory)
+    per_seq = -(-max_len // BLOCK_SIZE)
+    num_blocks = max(per_seq, min(budget // per_block, config.max_num_seqs * per_seq)) + 1  # + the null block
+    tables = BlockTables(
+        config.max_num_seqs,
+        max_len,
+        num_blocks,
+        device,
+        enable_prefix_caching=config.enable_prefix_caching,
+        lookahead=spare,
+    )
+    target = PagedKVCache.for_model(model, tables, device)
+    return target, None if draft is None else PagedKVCache.for_model(draft, tables, device)
 
 
 def check_images(model: MiniMindForCausalLM, prompt_token_ids: list[int], images: torch.Tensor) -> None:
@@ -132,11 +163,18 @@ class EngineCore:
         # Speculative verification writes up to k positions past the last token: leave room for them.
         spare = config.num_speculative_tokens + 1 if draft_model is not None else 0
         cache_len = max_model_len + spare
-        # How many sequences run at once: max_num_seqs, or fewer if their slots do not fit in the budget.
+        # How many sequences run at once: max_num_seqs, or fewer if their caches do not fit in the budget.
         self.kv_cache_budget, self.kv_bytes_per_seq = kv_cache_budget(model, cache_len, config.kv_cache_memory)
         self.max_num_seqs = config.max_num_seqs
-        slots = max(1, min(config.max_num_seqs, self.kv_cache_budget // self.kv_bytes_per_seq))
-        self.cache = KVCache.for_model(model, slots, cache_len, self.device)
+        draft_cache = None
+        if config.kv_cache == "paged":
+            self.cache, draft_cache = paged_caches(config, model, draft_model, cache_len, spare)
+        else:
+            slots = max(1, min(config.max_num_seqs, self.kv_cache_budget // self.kv_bytes_per_seq))
+            self.cache = KVCache.for_model(model, slots, cache_len, self.device)
+            if draft_model is not None:  # same slots as the target's
+                draft_cache = KVCache.for_model(draft_model, slots, cache_len, self.device)
+        slots = self.cache.num_slots
         cuda_graphs, compile_model = config.cuda_graphs, config.compile_model
         self.runner = ModelRunner(model, self.cache, cuda_graphs, max(2, spare), compile_model, cpu_layouts)
         self.scheduler = Scheduler(self.cache, max_model_len, config.max_queue, config.max_prefill_tokens)
@@ -145,9 +183,8 @@ class EngineCore:
         self.output = OutputProcessor(tokenizer, self.scheduler)
         self.spec = None
         if draft_model is not None:
-            draft_cache = KVCache.for_model(draft_model, slots, cache_len, self.device)  # same slots as the target's
             draft_runner = ModelRunner(draft_model, draft_cache, cuda_graphs, 2, compile_model)
-            self.spec = SpeculativeDecoder(self.runner, draft_runner, config.num_speculative_tokens)
+            self.spec = SpeculativeDecoder(self.runner, draft_runner, config.num_speculative_tokens, self.sampler)
         self.slot_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's newest token
         self.pending: Launched | None = None  # the step launched last, tokens not yet collected
         self._history_seqs: list[Sequence] = []  # live sequences whose sampling reads their output tokens
@@ -200,6 +237,17 @@ class EngineCore:
             seqs = self.scheduler.abort(request_id)
             return [self.output.aborted(seq) for seq in seqs]
 
+    def stats(self) -> EngineStats:
+        """The scheduler's and the cache's counts now (the server's /metrics reads them at scrape time)."""
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            cache_usage=self.cache.usage,
+            free_slots=self.cache.num_free,
+            prefix_cache_queries=self.cache.prefix_cache_queries,
+            prefix_cache_hits=self.cache.prefix_cache_hits,
+        )
+
     def has_work(self) -> bool:
         """Requests waiting or running, or a launched step whose tokens someone still needs."""
         if self.scheduler.has_work():
@@ -218,10 +266,14 @@ class EngineCore:
             if kind == "decode":
                 seqs = [s for s in seqs if s.max_new_tokens() > s.num_pending]  # not launched past their last token
             launched = None
-            if seqs and kind == "decode" and self.spec is not None:
+            if seqs and kind == "prefill":
+                seqs, logits = self._prefill(seqs)
+                if seqs:
+                    launched = self._sample(seqs, logits, prefill=True)
+            elif seqs and self.spec is not None:
                 deltas += self._speculate(seqs)
             elif seqs:
-                launched = self._sample(seqs, self._run(kind, seqs, pipelined), prefill=kind == "prefill")
+                launched = self._sample(seqs, self._run(seqs, pipelined))
             if pipelined:
                 deltas += self._commit(self._take_pending())
                 self.pending = launched
@@ -238,17 +290,17 @@ class EngineCore:
             self._constrained_seqs = [s for s in self._constrained_seqs if not s.is_finished]
         return not self._history_seqs and not self._constrained_seqs
 
-    def _run(self, kind: str, seqs: list[Sequence], pipelined: bool) -> torch.Tensor:
-        """The model's next-token logits [B, V] for these sequences (a prefill, or one decode step)."""
-        if kind == "prefill":
-            return self._prefill(seqs)
+    def _run(self, seqs: list[Sequence], pipelined: bool) -> torch.Tensor:
+        """The model's next-token logits [B, V] for one decode step of these sequences."""
         slots = [s.slot for s in seqs]
         if pipelined:  # the inputs are the tokens the last step sampled, still on the device
             starts = [len(s.prompt_token_ids) + len(s.output_token_ids) + s.num_pending - 1 for s in seqs]
             return self.runner.step(slots, self._slot_rows(self.slot_tokens, slots)[:, None], starts)[:, 0]
         return self.runner.step(slots, [[s.last_token] for s in seqs], [s.num_tokens - 1 for s in seqs])[:, 0]
 
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _prefill(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Compute each sequence's scheduled prompt tokens; returns the sequences whose prompt is now complete and
+        their next-token logits [B, V] (None when the step only advanced chunks of longer prompts)."""
         # Completions of one request (n > 1) share the prompt: prefill it once, copy the cache to the others.
         leaders: dict[str, int] = {}
         rows: list[int] = []
@@ -257,20 +309,31 @@ class EngineCore:
         firsts = [next(s for s in seqs if s.request_id == rid) for rid in leaders]
         want_full = [s.params.prompt_logprobs is not None for s in firsts]
         images = [s.images for s in firsts]
-        last, full = self.runner.prefill(
-            [s.prompt_token_ids for s in firsts], [s.slot for s in firsts], want_full, images
-        )
-        for seq in seqs:
-            seq.images = None  # the features now live in the KV cache
+        starts = [s.num_computed_tokens for s in firsts]
+        chunks = [s.prompt_token_ids[a : a + s.num_scheduled_tokens] for s, a in zip(firsts, starts)]
+        slots = [s.slot for s in firsts]
+        last, full = self.runner.prefill(chunks, slots, want_full, images, starts)
+        if self.spec is not None:
+            self.spec.draft.prefill(chunks, slots, [False] * len(chunks), None, starts)
+        done: list[Sequence] = []
+        done_rows: list[int] = []
         for seq, row in zip(seqs, rows):
             leader = firsts[row]
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.images = None  # the features now live in the KV cache
             if seq is not leader:
                 self.cache.copy_slot(leader.slot, seq.slot, seq.num_prompt_tokens)
-            if seq.index == 0 and full[row] is not None:
-                seq.prompt_logprobs = self.output.prompt_logprobs(seq, full[row])
-        if self.spec is not None:
-            self.spec.prefill(seqs)
-        return last[torch.tensor(rows, device=last.device)]
+                if self.spec is not None:
+                    self.spec.draft.cache.copy_slot(leader.slot, seq.slot, seq.num_prompt_tokens)
+            self.cache.computed(seq)
+            if seq.is_prefilled:
+                if seq.index == 0 and full[row] is not None:
+                    seq.prompt_logprobs = self.output.prompt_logprobs(seq, full[row])
+                done.append(seq)
+                done_rows.append(row)
+        if not done:
+            return done, None
+        return done, last[to_device(done_rows, last.device)]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, prefill: bool = False) -> Launched:
         """Queue sampling from logits [B, V]: the tokens go to the slots' input buffer and start copying to the host."""
@@ -280,7 +343,7 @@ class EngineCore:
         if len(seqs) == 1 or [s.slot for s in seqs] == list(range(len(seqs))):
             self.slot_tokens[seqs[0].slot : seqs[0].slot + len(seqs)].copy_(out.token_ids)
         else:
-            self.slot_tokens[torch.tensor([s.slot for s in seqs], device=self.device)] = out.token_ids
+            self.slot_tokens[to_device([s.slot for s in seqs], self.device)] = out.token_ids
         for seq in seqs:
             seq.num_pending += 1
         return Launched(seqs, to_host(out), self.device, prefill)
@@ -310,4 +373,4 @@ class EngineCore:
         """tensor's rows of these slots: a view when they are 0..B-1 (the usual decode batch), else a gather."""
         if slots == list(range(len(slots))):
             return tensor[: len(slots)]
-        return tensor[torch.tensor(slots, device=self.device)]
+        return tensor[to_device(slots, self.device)]

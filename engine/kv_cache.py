@@ -1,4 +1,5 @@
-"""The engine's KV cache: preallocated static slots, one per running sequence, plus the `attend` hook the model calls.
+"""The engine's contiguous KV cache: preallocated static slots, one per running sequence, plus the `attend` hook the
+model calls. (engine/paged_cache.py is the paged alternative; `--kv-cache` picks one.)
 
 Layout: per layer one key and one value tensor of shape [num_slots, num_kv_heads, max_len, head_dim]. A sequence
 owns one slot for its whole life and writes its token at position p into column p. Static slots (rather than paged
@@ -7,14 +8,21 @@ a decode batch is simply the first `bs` slots, so the graph reads a view of the 
 
 `CacheView` is the object passed to the model as `kv_cache=`: it binds the cache to one forward pass (which slots,
 from which position, how much history to read) and implements `attend(layer_idx, q, k, v)`.
+
+Both caches offer the scheduler the same bookkeeping: `can_admit(seq)`, `admit(seq)` (returns how many prompt tokens
+are already cached), `grow(seq, num_tokens)` (back the first num_tokens positions), `free(seq)`.
 """
 
 from __future__ import annotations
 
 import heapq
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.sequence import Sequence
 
 
 class KVCache:
@@ -23,6 +31,9 @@ class KVCache:
     Free slots are handed out lowest first, so the running batch stays packed at the front of the cache and the
     decode step (which runs over slots 0..bs-1) wastes as little work as possible on free slots.
     """
+
+    paged = False
+    prefix_cache_queries = prefix_cache_hits = 0  # no prefix caching in this layout
 
     def __init__(
         self,
@@ -34,11 +45,14 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        # One spare position is allocated and never used: every history slice [:, :, :n] is then a strided view,
-        # the whole cache included, so a compiled step does not specialise (and compile again) on n == max_len.
+        # One spare position is allocated: every history slice [:, :, :n] is then a strided view, the whole cache
+        # included, so a compiled step does not specialise (and compile again) on n == max_len; and padded prefill
+        # rows write their padding there.
         shape = (num_slots, num_kv_heads, max_len + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device)[:, :, :max_len] for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device)[:, :, :max_len] for _ in range(num_layers)]
+        self.k_full = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_full = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [k[:, :, :max_len] for k in self.k_full]
+        self.v = [v[:, :, :max_len] for v in self.v_full]
         self.num_slots = num_slots
         self.max_len = max_len
         self._free = list(range(num_slots))
@@ -72,6 +86,28 @@ class KVCache:
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
+    # ---- the scheduler's bookkeeping (shared with PagedKVCache) -----------------------------------------------------
+
+    def can_admit(self, seq: Sequence) -> bool:
+        return bool(self._free)
+
+    def admit(self, seq: Sequence) -> int:
+        """Give the sequence a slot; returns the prompt tokens already cached (none: this layout shares nothing)."""
+        seq.slot = self.allocate()
+        return 0
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """A slot backs every position from the start."""
+
+    def computed(self, seq: Sequence) -> None:
+        """Nothing to cache for later prompts."""
+
+    def free(self, seq: Sequence) -> None:
+        self.release(seq.slot)
+
+    def view(self, slots, start, kv_len, fresh=False, masked=True, lengths=None) -> CacheView:
+        return CacheView(self, slots, start, kv_len, fresh, masked, lengths)
+
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of one slot to another (n > 1 completions share one prefill)."""
         for k, v in zip(self.k, self.v):
@@ -88,19 +124,24 @@ class CacheView:
     - `fresh`: all rows start at 0 and have no history, so attention runs over the new keys alone (prefill).
     - `masked`: False when every row may see all `kv_len` positions (one new token per row, all rows at the same
       position: batch-1 decode), so attention runs without a mask (a faster kernel, and no mask to build).
+    - `lengths`: [B] new tokens of each row that are real (a padded prefill batch); the padding's keys are written
+      where no row reads them, so rows starting at different positions can share one batch.
+
+    Subclasses change where keys live through `_write_index`, `_store` and `_history`; the attention is shared.
     """
 
     def __init__(
         self,
-        cache: KVCache,
+        cache,
         slots: torch.Tensor | None,
         start: torch.Tensor,
         kv_len: int,
         fresh: bool = False,
         masked: bool = True,
+        lengths: torch.Tensor | None = None,
     ) -> None:
         self.cache, self.slots, self.start, self.kv_len, self.fresh = cache, slots, start, kv_len, fresh
-        self.masked = masked
+        self.masked, self.lengths = masked, lengths
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -108,12 +149,14 @@ class CacheView:
     def _prepare(self, batch: int, new_tokens: int, groups: int, device: torch.device) -> None:
         """Write indices and the attention mask, built once per forward and shared by all layers."""
         steps = torch.arange(new_tokens, device=device)
-        self._pos = self.start[:, None] + steps  # [B, T] absolute positions of the new tokens
+        pos = self.start[:, None] + steps  # [B, T] absolute positions of the new tokens
         rows = self.slots if self.slots is not None else torch.arange(batch, device=device)
         self._rows = rows[:, None].expand(batch, new_tokens)
+        padding = None if self.lengths is None else steps[None, :] >= self.lengths[:, None]
+        self._write_index(pos, padding)
         if self.masked and not self.fresh:
             key_pos = torch.arange(self.kv_len, device=device)
-            visible = key_pos <= self._pos[:, :, None]  # [B, T, L]
+            visible = key_pos <= pos[:, :, None]  # [B, T, L]
             # Query rows are laid out (group, token) per kv head, see attend(); the mask repeats per group.
             self._mask = (
                 visible[:, None]
@@ -121,22 +164,37 @@ class CacheView:
                 .reshape(batch, 1, groups * new_tokens, self.kv_len)
             )
 
+    def _write_index(self, pos: torch.Tensor, padding: torch.Tensor | None) -> None:
+        # Padding goes to the spare column past max_len, which no history slice includes.
+        self._pos = pos if padding is None else pos.masked_fill(padding, self.cache.max_len)
+        self._padded = padding is not None
+
+    def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # Only a padded prefill (eager) writes through the full tensors; the compiled step keeps writing the views
+        # it always wrote (inductor's freezing pass failed on the other form).
+        keys, values = (self.cache.k_full, self.cache.v_full) if self._padded else (self.cache.k, self.cache.v)
+        keys[layer_idx][self._rows, :, self._pos] = k.transpose(1, 2)
+        values[layer_idx][self._rows, :, self._pos] = v.transpose(1, 2)
+
+    def _history(self, layer_idx: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, Hkv, kv_len, D] of the rows' first kv_len positions."""
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        if self.slots is None:
+            return k_cache[:batch, :, : self.kv_len], v_cache[:batch, :, : self.kv_len]
+        # narrow first, then gather rows: advanced indexing k[slots, :, :n] is several times slower on CPU
+        keys = k_cache[:, :, : self.kv_len].index_select(0, self.slots)
+        return keys, v_cache[:, :, : self.kv_len].index_select(0, self.slots)
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v [B, Hkv, T, D] at their positions, then attend q [B, Hq, T, D] to everything visible."""
         batch, kv_heads, new_tokens, head_dim = k.shape
         groups = q.shape[1] // kv_heads
         if self._rows is None:
             self._prepare(batch, new_tokens, groups, q.device)
-        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        k_cache[self._rows, :, self._pos] = k.transpose(1, 2)
-        v_cache[self._rows, :, self._pos] = v.transpose(1, 2)
+        self._store(layer_idx, k, v)
         if self.fresh:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if self.slots is None:
-            keys, values = k_cache[:batch, :, : self.kv_len], v_cache[:batch, :, : self.kv_len]
-        else:  # narrow first, then gather rows: advanced indexing k[slots, :, :n] is several times slower on CPU
-            keys = k_cache[:, :, : self.kv_len].index_select(0, self.slots)
-            values = v_cache[:, :, : self.kv_len].index_select(0, self.slots)
+        keys, values = self._history(layer_idx, batch)
         # Grouped-query attention without repeating keys: the `groups` query heads sharing one kv head become
         # extra query rows, so SDPA sees plain multi-head attention with a mask (its efficient kernel on GPU).
         q_rows = q.reshape(batch, kv_heads, groups * new_tokens, head_dim)

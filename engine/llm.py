@@ -42,8 +42,8 @@ class LLM:
         **fields: Any,
     ) -> None:
         """`model` and `fields` are `EngineConfig`'s fields (engine/config.py: dtype, device, max_model_len,
-        max_num_seqs, max_prefill_tokens, max_queue, kv_cache_memory, draft_model, num_speculative_tokens, lora,
-        tokenizer, cuda_graphs, compile_model), or pass a whole `config`."""
+        max_num_seqs, max_prefill_tokens, max_queue, kv_cache_memory, kv_cache, enable_prefix_caching, draft_model,
+        num_speculative_tokens, lora, tokenizer, cuda_graphs, compile_model), or pass a whole `config`."""
         if config is None:
             config = EngineConfig(model=model, **fields)
         elif model is not None or fields:

@@ -1,8 +1,8 @@
 """Runs the model over the KV cache: batched prefill, and the decode/verify step (optionally as CUDA graphs).
 
 Two forward shapes exist:
-- `prefill`: new prompts, right-padded to one length, written from position 0 into their slots (eager: prompt
-  lengths vary too much to capture).
+- `prefill`: new prompts (or the next chunk of one, or the part after a cached prefix), right-padded to one
+  length, written from each row's start position into its slot (eager: prompt lengths vary too much to capture).
 - `step`: every running sequence feeds T tokens (T=1 for decode, k+1 for speculative verification) from its own
   start position and reads its cache history. With CUDA graphs the batch rows *are* slots 0..bs-1 (the scheduler
   packs sequences into the lowest slots), so the graph reads a fixed view of the cache; one graph is captured per
@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from engine.kv_cache import CacheView, KVCache
+from engine.host_copy import to_device
+from engine.kv_cache import KVCache
+from engine.paged_cache import PagedKVCache
 from models.model import MiniMindForCausalLM
 
 
@@ -64,7 +66,7 @@ class ModelRunner:
     def __init__(
         self,
         model: MiniMindForCausalLM,
-        cache: KVCache,
+        cache: KVCache | PagedKVCache,
         cuda_graphs: bool = True,
         max_step_tokens: int = 8,
         compile_model: bool = False,
@@ -92,7 +94,7 @@ class ModelRunner:
         self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, kv_len: int, masked: bool = True
     ):
         positions = start[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-        view = CacheView(self.cache, slots, start, kv_len, masked=masked)
+        view = self.cache.view(slots, start, kv_len, masked=masked)
         hidden = self.model.model(input_ids=tokens, position_ids=positions, kv_cache=view).last_hidden_state
         return self.model.lm_head(hidden).float()
 
@@ -124,22 +126,27 @@ class ModelRunner:
         slots: list[int],
         full_logits: list[bool],
         images: list[torch.Tensor | None] | None = None,
+        starts: list[int] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Write the prompts into their slots. Returns the last position's logits [B, V] and, for rows that asked
-        (prompt logprobs), the logits of every prompt position [T, V]. Rows with `images` (a VLM's pixel_values)
-        get their placeholder embeddings replaced by the image features, computed here once per request."""
+        """Write the prompts' tokens into their slots from `starts` (default 0; later for the next chunk of a long
+        prompt or after a cached prefix, the positions before it being in the cache). Returns the last position's
+        logits [B, V] and, for rows that asked (prompt logprobs), the logits of every position given [T, V]. Rows
+        with `images` (a VLM's pixel_values) get their placeholder embeddings replaced by the image features."""
         lengths = [len(p) for p in prompts]
         width = max(lengths)
+        starts = starts or [0] * len(prompts)
         if self.cpu_layouts is not None:
             self.cpu_layouts.use(len(prompts) * width)
         tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        view = CacheView(
-            self.cache,
+        start = torch.tensor(starts, device=self.device)
+        positions = start[:, None] + torch.arange(width, device=self.device)
+        padded = min(lengths) != width
+        view = self.cache.view(
             torch.tensor(slots, device=self.device),
-            torch.zeros(len(prompts), dtype=torch.long, device=self.device),
-            width,
-            fresh=True,
+            start,
+            max(s + n for s, n in zip(starts, lengths)),
+            fresh=not any(starts),  # no history: attend over the new keys alone
+            lengths=torch.tensor(lengths, device=self.device) if padded else None,
         )
         embeds = self._embeds_with_images(tokens, images) if images and any(x is not None for x in images) else None
         hidden = self.model.model(
@@ -183,15 +190,18 @@ class ModelRunner:
             return self._forward(tokens, start, index, needed, masked)
         batch = _pick(self.batch_buckets, max(slots) + 1)
         kv_len = _pick(self.len_buckets, needed)
-        host_start = [0] * batch  # free slots in the bucket compute at position 0
+        # Rows of the bucket outside this batch (free slots, a prompt between two prefill chunks) still run: they
+        # write their junk key at the cache's last positions, which no prompt reaches (prompts end before
+        # max_model_len) and which a sequence overwrites before it reads them; position 0 would clobber a prompt.
+        host_start = [self.cache.max_len - num_new] * batch
         for slot, start in zip(slots, starts):
             host_start[slot] = start
-        self.start_buf[:batch].copy_(torch.tensor(host_start), non_blocking=True)
+        self.start_buf[:batch].copy_(to_device(host_start, self.device))
         if slots == list(range(batch)):
             self.tokens_buf[:batch, :num_new].copy_(tokens, non_blocking=True)
             index = None
         else:
-            index = torch.tensor(slots).to(self.device, non_blocking=True)
+            index = to_device(slots, self.device)
             self.tokens_buf[index, :num_new] = tokens.to(self.device, non_blocking=True)
         key = (batch, num_new, kv_len)
         if not self.use_graphs:  # compiled, on the CPU: no graphs to capture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.host_copy import to_device
 from engine.sampling import SamplerOutput, SamplingTensors, sample, token_counts
 from engine.sequence import Sequence
 
@@ -36,7 +37,7 @@ class Sampler:
         t = self.tensors(seqs)
         if t.all_greedy and not t.do_penalties and not t.do_min_tokens and t.num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1))  # the common greedy step: one kernel, nothing to upload
-        output_lens = torch.tensor([len(s.output_token_ids) + s.num_pending for s in seqs], device=self.device)
+        output_lens = to_device([len(s.output_token_ids) + s.num_pending for s in seqs], self.device)
         prompt_mask = counts = None
         if t.do_penalties:
             prompt_mask = token_counts([s.prompt_token_ids for s in seqs], self.vocab_size, self.device) > 0

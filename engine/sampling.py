@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_copy import to_device
 from engine.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -89,7 +90,7 @@ class SamplingTensors:
             raise ValueError(f"sample_indices has {len(indices)} entries for {len(params)} params")
 
         def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, device, dtype)
 
         stop_lists = [
             sorted(set(eos_token_ids) | set(p.stop_token_ids)) if not p.ignore_eos else sorted(set(p.stop_token_ids))

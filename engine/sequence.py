@@ -41,6 +41,9 @@ class Sequence:
     num_pending: int = 0  # tokens sampled on the device but not yet collected (pipelined steps)
     matcher: Any = None  # the grammar matcher of a structured-outputs request (engine/structured.py)
     images: Any = None  # pixel_values [images, 3, H, W] of a VLM request, spliced in at prefill, then dropped
+    num_computed_tokens: int = 0  # prompt tokens whose keys are in the cache (cached prefix + prefilled chunks)
+    num_scheduled_tokens: int = 0  # prompt tokens the current prefill step computes for this sequence
+    block_hashes: list[int] | None = None  # prefix-cache hashes of the prompt's full blocks (paged cache)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -53,6 +56,10 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.num_computed_tokens >= len(self.prompt_token_ids)
 
     @property
     def is_finished(self) -> bool:

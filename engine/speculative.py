@@ -18,9 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling import row_uniform, sample_from_probs, uniform_noise
+from engine.sampling import SamplingTensors, probs_for_sampling, row_uniform, sample_from_probs, uniform_noise
 
-_SALT_ACCEPT, _SALT_RESAMPLE = 101, 102  # keep these draws apart from the sampler's own (salt 0)
+_SALT_ACCEPT, _SALT_RESAMPLE, _SALT_DRAFT = 101, 102, 103  # keep these draws apart from the sampler's own (salt 0)
+
+
+def sample_draft(logits: torch.Tensor, t: SamplingTensors, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draft token per row from the draft's logits [B, V] under the rows' sampling settings; returns
+    (token [B], q [B, V], the distribution it was drawn from). `steps`: [B] the output position it proposes for.
+    A draw at a step whose earlier draft was rejected is never looked at, so reusing that step's number in the next
+    round keeps the draws independent."""
+    q = probs_for_sampling(logits, t, steps)
+    return sample_from_probs(q, row_uniform(t.seeds, steps, salt=_SALT_DRAFT)), q
 
 
 def rejection_sample(

@@ -33,18 +33,37 @@ class EvalModel(Protocol):
     def complete(self, prompt: str, max_tokens: int, chat: bool) -> str:
         """A greedy answer: a plain continuation, or (chat) the assistant's reply to `prompt` as a user turn."""
 
+    def chat_with_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """A greedy reply to a conversation with `tools` listed: (its text, its calls as (name, arguments JSON))."""
+
+    def answer_with_images(self, question: str, images: list[bytes], max_tokens: int) -> str:
+        """A vision-language model's greedy reply to a user turn whose `<image>` markers stand for `images`."""
+
 
 class LocalModel:
     """A checkpoint loaded with models.loader, scored with full forward passes (no KV cache needed)."""
 
-    def __init__(self, source: str, *, device: str = "cpu", dtype: str | None = None, tokenizer: str | None = None):
+    def __init__(
+        self,
+        source: str,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        tokenizer: str | None = None,
+        quantization: str = "none",
+    ):
         from models.loader import load_model
+        from models.quantization import quantize
 
-        self.name = str(source)
+        self.name = str(source) if quantization == "none" else f"{source} ({quantization})"
         self.device = device
         self.model, self.tokenizer = load_model(source, device=device, dtype=dtype, tokenizer=tokenizer)
+        quantize(self.model, quantization)  # the engine's layers (models/quantization.py); "none" changes nothing
         self.max_len = self.model.config.max_position_embeddings
         self._llm: Any = None
+        self._preprocess: Any = None
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -104,6 +123,47 @@ class LocalModel:
         else:
             out = self._llm.generate(prompt, params)
         return out[0].outputs[0].text
+
+    def chat_with_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        from engine.llm import LLM
+        from engine.sampling_params import SamplingParams
+        from models.tool_calls import parse_tool_calls
+
+        if self._llm is None:
+            self._llm = LLM(self.model, device=self.device, tokenizer=self.tokenizer)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        text = self._llm.chat(messages, params, chat_template_kwargs={"tools": tools or None})[0].outputs[0].text
+        content, calls = parse_tool_calls(text)  # as the server reads them
+        return content or "", [(c.name, c.arguments) for c in calls]
+
+    @torch.no_grad()
+    def answer_with_images(self, question: str, images: list[bytes], max_tokens: int) -> str:
+        """Through the model's own generate() (the engine's offline API takes no images)."""
+        from models.vision.config import IMAGE_MARKER
+        from models.vision.image import ImagePreprocessor, open_image
+
+        config = self.model.config
+        if getattr(config, "vision_config", None) is None:
+            raise EvalError(f"{self.name}: not a vision-language model (it has no vision encoder)")
+        if self._preprocess is None:
+            folder = Path(self.name).expanduser()
+            self._preprocess = ImagePreprocessor.for_encoder(config.vision_config, folder if folder.is_dir() else None)
+        text = question.replace(IMAGE_MARKER, config.image_token * config.image_token_len)
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        ids = torch.tensor([self._encode(prompt)], device=self.device)
+        pixels = torch.stack([self._preprocess(open_image(image)) for image in images]) if images else None
+        out = self.model.generate(
+            ids,
+            pixel_values=None if pixels is None else pixels.to(self.device),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 class ApiModel:
@@ -170,6 +230,52 @@ class ApiModel:
         except openai.OpenAIError as err:
             raise EvalError(f"generation request failed: {err}") from err
 
+    def chat_with_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], max_tokens: int
+    ) -> tuple[str, list[tuple[str, str]]]:
+        import openai
+
+        extra = {"tools": tools} if tools else {}
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.name, messages=messages, max_tokens=max_tokens, temperature=0, **extra
+            )
+        except openai.OpenAIError as err:
+            raise EvalError(f"generation request failed: {err}") from err
+        message = reply.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        return message.content or "", calls
+
+    def answer_with_images(self, question: str, images: list[bytes], max_tokens: int) -> str:
+        """The images go as data-URL `image_url` parts where the question's `<image>` markers are."""
+        import base64
+        import io
+
+        import openai
+        from PIL import Image
+
+        from models.vision.config import IMAGE_MARKER
+
+        parts: list[dict[str, Any]] = []
+        for n, text in enumerate(question.split(IMAGE_MARKER)):
+            if n:
+                image = images[n - 1]
+                try:
+                    mime = Image.MIME.get(Image.open(io.BytesIO(image)).format or "", "image/png")
+                except OSError:
+                    mime = "application/octet-stream"  # the server names what is wrong with it
+                url = f"data:{mime};base64,{base64.b64encode(image).decode()}"
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            if text.strip("\n"):
+                parts.append({"type": "text", "text": text.strip("\n")})
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.name, messages=[{"role": "user", "content": parts}], max_tokens=max_tokens, temperature=0
+            )
+        except openai.OpenAIError as err:
+            raise EvalError(f"generation request failed: {err}") from err
+        return reply.choices[0].message.content or ""
+
 
 def open_model(
     model: str | None, api_base: str | None, *, api_model: str | None = None, device: str = "cpu", **local: Any
@@ -179,6 +285,9 @@ def open_model(
         raise EvalError("give exactly one of --model CHECKPOINT (run here) or --api-base URL (a server)")
     if api_base:
         import os
+
+        if local.get("quantization", "none") != "none":
+            raise EvalError("--quantization applies to --model (run here); start the server with it instead")
 
         return ApiModel(api_base, model=api_model, api_key=os.environ.get("OPENAI_API_KEY"))
     if not Path(model).expanduser().exists():

@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("training.plot", "draw a training run's metrics (loss, lr, grad norm, tokens/s) as a PNG"),
     "data": ("training.data_cli", "build datasets (e.g. the offline demo sets)"),
     "vlm-demo": ("webui.vlm_demo", "Gradio page: chat about images with a MiniMind-V model over the API"),
-    "eval": ("evaluation.cli", "evaluate a model: multiple choice, perplexity, canned prompts"),
+    "eval": ("evaluation.cli", "evaluate a model: multiple choice, perplexity, canned prompts, tool calling"),
 }
 
 

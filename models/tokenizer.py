@@ -2,8 +2,9 @@
 ChatML chat template, saved as a directory that `AutoTokenizer.from_pretrained` loads.
 
 Token ids 0-2 are fixed because checkpoints depend on them: `<|endoftext|>` (pad/unk) = 0, `<|im_start|>`
-(bos) = 1, `<|im_end|>` (eos) = 2. Reserved special slots follow, so later additions need no retraining,
-then the tool and think tags as ordinary added tokens (not "special": they must survive
+(bos) = 1, `<|im_end|>` (eos) = 2. Reserved special slots follow, so later additions need no retraining; one of
+them, id 12, is `<|image_pad|>` as in minimind-3, so a tokenizer trained here also serves a MiniMind-V. Then
+the tool and think tags as ordinary added tokens (not "special": they must survive
 `skip_special_tokens=True`, because the reasoning and tool-call parsers read them from the text).
 """
 
@@ -19,6 +20,7 @@ from models.errors import ModelError
 CORE_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 NUM_RESERVED = 18  # ids 3..20, like minimind-3's layout (tags then start at 21)
+IMAGE_PAD_ID = 12  # minimind-3's `<|image_pad|>`: MiniMind-V's image placeholder (models/vision/config.py)
 CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
 
 
@@ -28,7 +30,11 @@ class TokenizerDataError(ModelError):
 
 def special_tokens(num_reserved: int = NUM_RESERVED) -> list[str]:
     """Every token with a fixed id, in id order."""
-    return CORE_SPECIAL + [f"<|reserved_{i}|>" for i in range(num_reserved)] + TAG_TOKENS
+    reserved = [f"<|reserved_{i}|>" for i in range(num_reserved)]
+    slot = IMAGE_PAD_ID - len(CORE_SPECIAL)
+    if slot < num_reserved:
+        reserved[slot] = "<|image_pad|>"
+    return CORE_SPECIAL + reserved + TAG_TOKENS
 
 
 def chat_template() -> str:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -37,7 +37,7 @@ class EngineGauges(Collector):
     def __init__(self, backend: Backend, model_name: str) -> None:
         self.backend, self.model_name = backend, model_name
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.backend.stats()
         for name, documentation, value in (
             ("num_requests_running", "Requests in the running batch", stats.running),
@@ -47,6 +47,13 @@ class EngineGauges(Collector):
             gauge = GaugeMetricFamily(PREFIX + name, documentation, labels=["model_name"])
             gauge.add_metric([self.model_name], value)
             yield gauge
+        for name, documentation, value in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
+        ):
+            counter = CounterMetricFamily(PREFIX + name, documentation, labels=["model_name"])
+            counter.add_metric([self.model_name], value)
+            yield counter
 
 
 class ServerMetrics:

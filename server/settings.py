@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_LAYOUTS, EngineConfig
 from minimind.errors import MiniMindError
 from minimind.sizes import byte_size, format_size
 from models.dtypes import DTYPE_HELP, dtype_name
@@ -42,11 +42,14 @@ class Settings:
     device: str | None = None
     compile: bool = False
     cuda_graphs: bool = True
+    quantization: str = "none"
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout: float = 30.0
     log_level: str = "info"
     max_request_bytes: int = 4 << 20
     kv_cache_memory: int | None = None
+    kv_cache: str = EngineConfig.kv_cache
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     trust_request_chat_template: bool = False
     allowed_local_media_path: str | None = None
     max_image_bytes: int = 10 << 20
@@ -97,8 +100,9 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_num_seqs": (int, "most requests decoded together in one batch (continuous batching)"),
     "max_prefill_tokens": (
         int,
-        "native backend: most prompt tokens admitted into one prefill step (a longer prompt still runs, alone); "
-        "lower it to shorten the pause that admitting new requests causes to running streams",
+        "native backend: most prompt tokens computed in one prefill step (vLLM's --max-num-batched-tokens); a "
+        "longer prompt is prefilled in chunks of this size with decode steps between them; lower it to shorten the "
+        "pause that admitting new requests causes to running streams",
     ),
     "max_queue": (
         int,
@@ -121,6 +125,11 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "native backend on a GPU: replay decode steps as CUDA graphs; --no-cuda-graphs runs them eagerly (for "
         "debugging). Variable: 1/true or 0/false",
     ),
+    "quantization": (
+        str,
+        "native backend on the CPU: store the linear layers' weights in 8 or 4 bits ('int8': per channel, 'int4': "
+        "llama.cpp's Q4_0 scheme) for faster decoding with slightly different outputs; 'none' keeps --dtype",
+    ),
     "cors_origins": (
         list,
         "allow browser pages from this origin (e.g. http://localhost:3000, or * for any); repeatable",
@@ -139,6 +148,16 @@ OPTIONS: dict[str, tuple[type, str]] = {
         byte_size,
         "native backend: memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many requests run at once "
         "(logged at start-up); unset: half the free GPU memory, or 2GiB on the CPU",
+    ),
+    "kv_cache": (
+        str,
+        "native backend: KV cache layout, 'contiguous' (a max-model-len slot per request) or 'paged' (16-token "
+        "blocks taken as tokens arrive, with prefix caching; see docs/engine.md)",
+    ),
+    "enable_prefix_caching": (
+        bool,
+        "native backend with --kv-cache paged: reuse the cached blocks of identical prompt prefixes (system "
+        "prompt, re-sent chat history). Variable: 1/true or 0/false",
     ),
     "trust_request_chat_template": (
         bool,
@@ -172,7 +191,12 @@ OPTIONS: dict[str, tuple[type, str]] = {
     ),
 }
 
-CHOICES = {"backend": ("native", "vllm"), "log_level": ("debug", "info", "warning", "error")}
+CHOICES = {
+    "backend": ("native", "vllm"),
+    "kv_cache": KV_CACHE_LAYOUTS,
+    "log_level": ("debug", "info", "warning", "error"),
+    "quantization": ("none", "int8", "int4"),
+}
 
 
 def _parse_env(name: str, kind: type, raw: str) -> Any:
@@ -272,6 +296,11 @@ def validate(settings: Settings) -> None:
         (
             settings.api_server_count == 1 or settings.engine_process is not False,
             "--api-server-count above 1 needs the engine in its own process; remove --no-engine-process",
+        ),
+        (
+            settings.quantization == "none" or settings.backend == "native",
+            f"--quantization {settings.quantization} is for the native backend on the CPU; vLLM quantizes through "
+            "its own checkpoints (drop --quantization or use --backend native)",
         ),
     ]
     for ok, message in checks:

@@ -1,44 +1,26 @@
 """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in model output → OpenAI `tool_calls`.
 
-This is the Hermes/Qwen convention that MiniMind's and Qwen's chat templates teach. Hand-written because
-it is a few lines of the product's own format; only used when the request lists `tools`.
+The format is read by models/tool_calls.py (training reads it too); this module gives the calls their OpenAI
+shape and ids, streams them, and builds the grammar that forces one. Only used when the request lists `tools`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
+from models.tool_calls import CLOSE, OPEN
+from models.tool_calls import parse_tool_calls as parse_calls
 from server.errors import APIError
 from server.protocol import FunctionCall, Tool, ToolCall, random_id
-
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
-
-
-def _to_call(body: str) -> ToolCall | None:
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        return None
-    arguments = data.get("arguments", data.get("parameters", {}))
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(id=random_id("call_"), function=FunctionCall(name=data["name"], arguments=arguments))
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     """(content outside the calls or None, calls). Text whose calls are not valid JSON stays content."""
-    if OPEN not in text:
-        return text, []
-    calls = [_to_call(m.group(1)) for m in _CALL.finditer(text)]
-    if not calls or any(call is None for call in calls):
-        return text, []
-    content = _CALL.sub("", text).strip()
-    return content or None, [call for call in calls if call is not None]
+    content, calls = parse_calls(text)
+    return content, [
+        ToolCall(id=random_id("call_"), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+    ]
 
 
 def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:

@@ -36,3 +36,15 @@ def test_serve_records_compare_backends_by_concurrency(tmp_path):
     assert series["output tok/s"] == [(lv["concurrency"], lv["output_throughput_tok_s"]) for lv in native]
     assert series["median TTFT (ms)"][0] == (native[0]["concurrency"], native[0]["ttft"]["median_ms"])
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_cpu_quant_record_becomes_one_bar_per_configuration(tmp_path):
+    from benchmarks.plots import plot_cpu_quant
+
+    record = json.loads((RESULTS / "cpu-quant-epyc-2core-2026-12-04.json").read_text())
+    speeds = plot_cpu_quant(record, tmp_path / "quant.png", "cpu-quant-epyc-2core-2026-12-04.json")
+    assert speeds == {name: entry["tok_s"] for name, entry in record["configs"].items()}
+    assert {"engine int8", "engine int4", "HF transformers fp32"} <= set(speeds)
+    assert (tmp_path / "quant.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no configs"):
+        plot_cpu_quant({"configs": {}}, tmp_path / "none.png", "empty.json")

@@ -269,17 +269,20 @@ def test_lora_merged_at_load_equals_the_merged_model(tokenizer, tmp_path):
 @pytest.mark.parametrize("draft_kind", ["same", "other"])
 def test_speculative_greedy_equals_the_target_alone(tokenizer, draft_kind):
     """A draft equal to the target (every proposal accepted) and an unrelated 1-layer draft (most rejected): the
-    output is the target's greedy output either way, batched with different lengths and a sampled neighbour."""
+    output is the target's greedy output either way, batched with different lengths and sampled neighbours (a
+    seeded sampled row speculates too and is reproducible; a penalised one decodes plainly)."""
     target = tiny_model(seed=1, **WIDE)
     draft = tiny_model(seed=1, **WIDE) if draft_kind == "same" else tiny_model(seed=8, num_hidden_layers=1, **WIDE)
     ps = prompts()
     expected = [hf_greedy(target, p) for p in ps[:3]]
     spec = make_llm(target, tokenizer, max_num_seqs=3, draft_model=draft, num_speculative_tokens=3)
     sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=NEW, ignore_eos=True)
-    outs = token_ids(spec.generate(ps[:4], [greedy(), greedy(), greedy(), sampled]))
+    penalised = SamplingParams(temperature=1.0, seed=3, max_tokens=NEW, ignore_eos=True, presence_penalty=0.5)
+    outs = token_ids(spec.generate(ps, [greedy(), greedy(), greedy(), sampled, penalised]))
     assert outs[:3] == expected
+    assert token_ids(spec.generate([ps[3]], sampled))[0] == outs[3]  # seeded: the same draws again
     plain = make_llm(target, tokenizer, max_num_seqs=1)
-    assert outs[3] == token_ids(plain.generate([ps[3]], sampled))[0]  # sampled rows decode plainly, same seed
+    assert outs[4] == token_ids(plain.generate([ps[4]], penalised))[0]  # penalised rows decode plainly, same seed
     rate = spec.engine.spec.acceptance_rate
     assert rate == 1.0 if draft_kind == "same" else rate < 0.5
 

@@ -195,3 +195,19 @@ def test_chat_smoke_prints_every_stage(setup, capsys):
 def test_model_or_api_base_is_required(capsys):
     assert main(["eval", "ppl", "--data", "x.txt"]) == 1
     assert "give exactly one of --model" in capsys.readouterr().err
+
+
+def test_ppl_of_a_quantized_model_is_near_the_float_one(setup, tmp_path, capsys):
+    """`eval ppl --quantization` scores the engine's int8/int4 layers: close to float on the memorised text, not
+    equal (the weights really are rounded); a server is quantized at its own start, not from here."""
+    root, files, paths = setup
+    argv = ["ppl", "--model", str(paths["trained"]), "--data", str(root / "train.jsonl")]
+    base = run_json(capsys, tmp_path, *argv)
+    int8 = run_json(capsys, tmp_path, *argv, "--quantization", "int8")
+    int4 = run_json(capsys, tmp_path, *argv, "--quantization", "int4")
+    assert int8["model"].endswith("(int8)") and int8["tokens"] == base["tokens"]
+    assert int8["perplexity"] != base["perplexity"]
+    assert abs(int8["nll_per_token"] - base["nll_per_token"]) < 0.05
+    assert int4["perplexity"] < 2 * base["perplexity"]
+    assert main(["eval", "ppl", "--api-base", "http://127.0.0.1:9", "--data", "x", "--quantization", "int8"]) == 1
+    assert "--quantization applies to --model" in capsys.readouterr().err

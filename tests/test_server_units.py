@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from engine.backends.vllm import vllm_sampling_kwargs
 from engine.errors import EngineError, InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured import StructuredOutputsParams
 from server import settings as settings_mod
 from server.errors import APIError
 from server.params import resolve_max_tokens, sampling_params
@@ -162,6 +163,17 @@ def test_vllm_mapping_is_one_to_one_and_top_k_off_is_minus_one():
     with pytest.raises(InvalidRequestError, match="logprobs_mode"):
         vllm_sampling_kwargs(SamplingParams(logprobs_mode="processed"))
     assert vllm_sampling_kwargs(SamplingParams(top_k=5))["top_k"] == 5
+    # a grammar goes to vLLM with vLLM's StructuredOutputsParams field names
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    constrained = vllm_sampling_kwargs(SamplingParams(structured_outputs=StructuredOutputsParams(json=schema)))
+    assert constrained["structured_outputs"] == {
+        "json": schema,
+        "regex": None,
+        "choice": None,
+        "grammar": None,
+        "json_object": False,
+    }
+    assert kwargs["structured_outputs"] is None
 
 
 def test_tool_calls_parse_whole_and_streamed():

@@ -68,6 +68,7 @@ def test_special_token_ids_and_files(tok, tokenizer_dir):
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
     assert tok.convert_tokens_to_ids(TAG_TOKENS) == list(range(21, 27))
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == 12  # minimind-3's, so a MiniMind-V can use it
     assert len(tok) == 1000
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in config["chat_template"]

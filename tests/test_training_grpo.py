@@ -262,7 +262,14 @@ def test_grpo_raises_the_exact_match_reward(tmp_path, say_task):
     first, last = sum(rewards[:15]) / 15, sum(rewards[-15:]) / 15
     assert last > first + 0.1, (first, last)
     row = metrics(run)[60]
-    for key in ("reward", "reward_std", "clip_fraction", "completion_len", "reward/exact_match"):
+    for key in (
+        "reward",
+        "reward_std",
+        "clip_fraction",
+        "completion_len",
+        "reward/exact_match",
+        "rollout_tokens_per_s",
+    ):
         assert key in row
     assert (run / "final" / "model.safetensors").is_file()
 

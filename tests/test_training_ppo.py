@@ -4,9 +4,11 @@ small tensors, learning on a synthetic task, and exact resume (the critic's valu
 from __future__ import annotations
 
 import torch
+from safetensors.torch import load_file
 
 from tests.test_training_grpo import GRPO_FLAGS, say_task  # noqa: F401  (say_task is a fixture)
 from tests.test_training_support import metrics, train
+from training.checkpoint import load_checkpoint
 from training.rl_losses import gae, policy_loss, value_loss, whiten
 
 
@@ -82,8 +84,6 @@ PPO_FLAGS = {**GRPO_FLAGS, "num_generations": 4, "batch_size": 8}
 
 
 def test_ppo_raises_the_exact_match_reward_and_saves_the_policy_and_its_critic(tmp_path, say_task):  # noqa: F811
-    from safetensors.torch import load_file
-
     from models.loader import load_model
 
     base, data = say_task
@@ -108,3 +108,24 @@ def test_sigkill_mid_ppo_then_resume_equals_an_uninterrupted_run(tmp_path, say_t
     base, data = say_task
     flags = dict(max_steps=12, save_every=5, keep_last=2, dropout=0.1, lr=5e-3, beta=0.04, grad_accum=2)
     run_killed_and_resumed(tmp_path, "ppo", data, init_from=str(base), **{**PPO_FLAGS, **flags})
+    # the critic too: its saved head, and in the last step checkpoint its weights and AdamW moments
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    head = "final/critic/value_head.safetensors"
+    assert_same_tensors(load_file(str(whole / head)), load_file(str(killed / head)))
+    states = [load_checkpoint(run / "checkpoints" / "step-00000012") for run in (whole, killed)]
+    assert {"value_head.weight", "value_head.bias"} <= set(states[0]["model"])
+    assert_same_tensors(states[0]["model"], states[1]["model"])
+    moments = [state["optimizer"]["state"] for state in states]
+    assert {"value_head.weight", "value_head.bias"} <= set(moments[0])
+    for name in moments[0]:
+        assert_same_tensors(moments[0][name], moments[1][name], name)
+    assert moments[0]["value_head.weight"]["exp_avg"].abs().sum() > 0  # the critic was trained
+
+
+def assert_same_tensors(left: dict, right: dict, where: str = "") -> None:
+    assert left.keys() == right.keys(), where
+    for key, value in left.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(right[key], value, atol=1e-6, rtol=0, msg=f"{where} {key}")
+        else:
+            assert right[key] == value, (where, key)

@@ -104,6 +104,100 @@ def test_each_stage_updates_only_its_weights(vlm_run, stage, trained):
     assert torch.equal(saved.vision_proj.mlp[1].weight, after["vision_proj.mlp.1.weight"])
 
 
+def test_each_position_is_trained_on_the_next_token(vlm_run):
+    """input_ids and targets are shifted by one (the loss takes them as they are): the answer is predicted from
+    the tokens before it, and the image runs the model reads are complete."""
+    from training.data import IGNORE
+
+    tmp_path, llm, encoder, data = vlm_run
+    trainer = Trainer(run_config(tmp_path, llm, encoder, data, "vlm-sft"), get_stage("vlm-sft"))
+    trainer.setup()
+    item = trainer.dataset[0]
+    inputs, targets = item["input_ids"], item["targets"]
+    assert inputs.shape == targets.shape
+    trained = targets[:-1] != IGNORE
+    assert trained.any() and torch.equal(targets[:-1][trained], inputs[1:][trained])
+    answer = trainer.tokenizer.decode(targets[targets != IGNORE])
+    assert "red" in answer and answer.endswith("<|im_end|>\n")
+    image_id = trainer.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((inputs == image_id).sum()) == trainer.model.config.image_token_len * len(item["pixel_values"])
+
+
+TINY_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    image_size=32,
+    patch_size=16,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    vision_use_head=False,  # the pooling head is not used (the VLM projects every patch)
+)
+
+
+def test_a_fresh_encoder_from_vision_config_is_trained(vlm_run):
+    """vision_config + train_vision_encoder: a random encoder of that shape, trained with the projector (the
+    offline demo's recipe); vlm-pretrain still leaves the LLM alone."""
+    tmp_path, llm, encoder, data = vlm_run
+    config = run_config(
+        tmp_path, llm, "", data, "vlm-pretrain", vision_config=TINY_SIGLIP, train_vision_encoder=True, lr=1e-3
+    )
+    trainer = Trainer(config, get_stage("vlm-pretrain"))
+    trainer.setup()
+    before = snapshot(trainer.model)
+    final = trainer.run()
+    after = snapshot(trainer.model)
+    encoder_keys = [k for k in before if k.startswith("vision_encoder.") and "weight" in k]
+    assert encoder_keys and all(not torch.equal(before[k], after[k]) for k in encoder_keys)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("model.", "lm_head.")))
+    from models.loader import load_model
+
+    saved, _ = load_model(final)
+    assert saved.config.vision_config.hidden_size == 32 and saved.config.image_token_len == 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"vision_config": TINY_SIGLIP, "train_vision_encoder": True}, "give one"),
+        ({"vision_config": TINY_SIGLIP, "vision_encoder": ""}, "set train_vision_encoder: true"),
+        (
+            {"vision_config": {**TINY_SIGLIP, "model_type": "vit"}, "vision_encoder": "", "train_vision_encoder": True},
+            "vision_config: vision_config.model_type 'vit' is not supported",
+        ),
+    ],
+)
+def test_vision_config_mistakes_are_named(vlm_run, fields, message):
+    tmp_path, llm, encoder, data = vlm_run
+    with pytest.raises(TrainingError, match=message):
+        Trainer(run_config(tmp_path, llm, encoder, data, "vlm-sft", **fields), get_stage("vlm-sft")).setup()
+
+
+def test_vlm_sft_with_lora_trains_adapters_and_the_projector_only(vlm_run):
+    """use_lora: training/lora.py's adapters on the LLM's linear layers (none on the encoder's), the projector
+    in full; final/ is the merged VLM, final-lora/ the PEFT adapter."""
+    from models.loader import load_model
+    from training.lora import LoRALinear
+
+    tmp_path, llm, encoder, data = vlm_run
+    config = run_config(tmp_path, llm, encoder, data, "vlm-sft", use_lora=True, max_steps=2, lr=1e-2)
+    trainer = Trainer(config, get_stage("vlm-sft"))
+    trainer.setup()
+    wrapped = [name for name, m in trainer.model.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(name.startswith("model.") for name in wrapped)
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in name or name.startswith("vision_proj.") for name in trained)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    final = trainer.run()
+    assert (final.parent / "final-lora" / "adapter_model.safetensors").is_file()
+    saved, _ = load_model(final)
+    base_key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved.state_dict()[base_key], before["model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert torch.equal(
+        saved.vision_encoder.state_dict()["post_layernorm.weight"], before["vision_encoder.post_layernorm.weight"]
+    )
+
+
 def test_marker_count_must_match_the_images(vlm_run):
     tmp_path, llm, encoder, data = vlm_run
     bad = tmp_path / "bad.jsonl"

@@ -89,3 +89,16 @@ def test_the_page_answers_about_an_uploaded_image_like_the_api():
     finally:
         demo.terminate()
         demo.wait(30)
+
+
+def test_without_a_model_it_names_the_commands_that_make_the_demo_model(tmp_path):
+    """No --model, no --api-base, no MINIMIND_API_BASE and nothing at runs/vlm-demo/final: exit 1 with the
+    two commands (run where no demo model was trained: an empty folder)."""
+    env = {k: v for k, v in os.environ.items() if k != "MINIMIND_API_BASE"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "minimind", "vlm-demo"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "minimind data vlm-demo data/vlm-demo" in done.stderr
+    assert "minimind train --config configs/vlm-demo.yaml" in done.stderr

@@ -1,4 +1,4 @@
-"""`minimind train {pretrain,sft,lora,dpo,distill,reason,grpo,ppo} --config configs/NAME.yaml [--key value ...]`.
+"""`minimind train {pretrain,sft,lora,dpo,distill,reason,grpo,ppo,agent} --config configs/NAME.yaml [--key value ...]`.
 
 Every TrainConfig field is a flag (spelled --key-name or --key_name); flags override the YAML file. Under
 `torchrun --nproc_per_node N` the same command trains on N GPUs (DDP, or FSDP with --distributed fsdp).
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="pretrain: packed next-token loss; sft: assistant-only loss; lora: sft on adapters; dpo: preference "
         "pairs; distill: sft with a teacher; reason: sft with weighted think tags; grpo: RL from rewards on sampled "
-        "completions; ppo: RL with a critic (value head) and GAE "
+        "completions; ppo: RL with a critic (value head) and GAE; agent: grpo whose rollouts call tools over several turns "
         "(default: the config file's stage:)",
     )
     parser.add_argument(

@@ -18,7 +18,7 @@ import yaml
 from models.dtypes import DTYPE_ALIASES, DTYPE_HELP
 from training.errors import TrainingError
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo", "vlm-pretrain", "vlm-sft")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "ppo", "agent", "vlm-pretrain", "vlm-sft")
 
 
 def minimind_home() -> Path:
@@ -40,7 +40,7 @@ class TrainConfig:
         "pretrain",
         "training stage: pretrain (packed LM loss), sft (assistant-only loss), lora (SFT loss on adapters), dpo "
         "(preference pairs), distill (SFT with a teacher's logits), reason (SFT with weighted think tags), grpo (RL from rewards on sampled "
-        "completions), ppo (RL with a critic and GAE), vlm-pretrain (MiniMind-V: the image projector only), "
+        "completions), ppo (RL with a critic and GAE), agent (grpo with multi-turn tool-calling rollouts), vlm-pretrain (MiniMind-V: the image projector only), "
         "vlm-sft (MiniMind-V: projector + LLM)",
     )
     preset: str = _f("minimind2-small", "model shape from models/presets.py, used when init_from is empty")
@@ -63,6 +63,15 @@ class TrainConfig:
     image_dir: str = _f("", "vlm-*: folder of the images JSONL lines name; default: the JSONL file's folder")
     vision_encoder: str = _f(
         "", "vlm-*: a transformers SigLIP/CLIP vision model directory that turns the init_from LLM into a MiniMind-V"
+    )
+    vision_config: dict = _f(
+        {},
+        "vlm-*: instead of vision_encoder, a fresh encoder of this transformers config, e.g. {model_type: "
+        "siglip_vision_model, image_size: 32, patch_size: 8, hidden_size: 64, num_hidden_layers: 2, "
+        "num_attention_heads: 2, intermediate_size: 128}; it starts from random weights (needs train_vision_encoder)",
+    )
+    train_vision_encoder: bool = _f(
+        False, "vlm-*: train the vision encoder too (default false: frozen, as upstream trains a pretrained SigLIP)"
     )
     # optimisation
     epochs: float = _f(1.0, "passes over the data (fractions allowed); ignored when max_steps > 0")
@@ -133,8 +142,9 @@ class TrainConfig:
     )
     use_lora: bool = _f(
         False,
-        "dpo/distill/reason: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference is "
-        "then the base with adapters off (no second copy)",
+        "dpo/distill/reason/vlm-sft: train LoRA adapters (lora_* fields) instead of all weights; dpo's reference "
+        "is then the base with adapters off (no second copy); vlm-sft puts them on the LLM only, trains the "
+        "projector in full and saves the merged model in final/ and the adapter in final-lora/",
     )
     # distillation and reasoning
     teacher: str = _f("", "distill: the teacher (HF directory or .pth); same vocabulary as the student")
@@ -164,7 +174,12 @@ class TrainConfig:
     rewards: dict = _f(
         {"exact_match": 1.0},
         "grpo: weighted rewards, e.g. {exact_match: 1.0, format: 0.2}; names: exact_match, numeric_match, format, "
-        "length, repetition, or a Python function module:function",
+        "length, repetition, reward_model (the model in reward_model:), or a Python function module:function",
+    )
+    reward_model: str = _f(
+        "",
+        "grpo/ppo: a local AutoModelForSequenceClassification directory (one label) scoring each completion, used "
+        "by rewards: {reward_model: WEIGHT}; never downloaded",
     )
     max_completion_len: int = _f(
         64, "grpo: tokens sampled per completion; prompts get max_seq_len - max_completion_len tokens"
@@ -179,6 +194,12 @@ class TrainConfig:
     lam: float = _f(0.95, "ppo: GAE lambda (1 = Monte Carlo returns, 0 = one-step TD)")
     value_clip: float = _f(0.2, "ppo: the critic's values move at most this far from the rollout's per update")
     vf_coef: float = _f(0.1, "ppo: weight of the value loss beside the policy loss (actor and critic share the model)")
+
+    # tool-use RL (agent; also uses the grpo options above)
+    tools: list = _f(["calculator"], "agent: the sandboxed tools the model may call: calculator, lookup")
+    tool_lookup_file: str = _f("", "agent: JSON object file the lookup tool reads ({key: value, ...})")
+    tool_timeout_s: float = _f(1.0, "agent: wall-clock limit of one tool call, in seconds")
+    max_turns: int = _f(3, "agent: model turns per rollout (a tool turn follows each call but the last)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,9 +226,9 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", "must be at least 1"),
             (self.stage != "lora" or bool(self.init_from), "init_from", "must name the model LoRA adapts (lora stage)"),
             (
-                self.beta > 0 or (self.stage in ("grpo", "ppo") and self.beta == 0),
+                self.beta > 0 or (self.stage in ("grpo", "ppo", "agent") and self.beta == 0),
                 "beta",
-                "must be positive (grpo, ppo: or 0)",
+                "must be positive (grpo, ppo, agent: or 0)",
             ),
             (self.dpo_loss in ("sigmoid", "ipo"), "dpo_loss", "must be sigmoid or ipo"),
             (0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
@@ -230,13 +251,25 @@ class TrainConfig:
             (self.epsilon_high >= 0, "epsilon_high", "must not be negative"),
             (self.loss_norm in ("sequence", "token"), "loss_norm", "must be sequence or token"),
             (
-                self.stage not in ("grpo", "ppo") or 1 <= self.max_completion_len < self.max_seq_len,
+                self.stage not in ("grpo", "ppo", "agent") or 1 <= self.max_completion_len < self.max_seq_len,
                 "max_completion_len",
                 "must be at least 1 and below max_seq_len (the prompt needs room)",
             ),
             (self.rollout_temperature > 0, "rollout_temperature", "must be positive"),
             (0 < self.rollout_top_p <= 1, "rollout_top_p", "must be in (0, 1]"),
             (self.rollout_kv_cache_mb >= 1, "rollout_kv_cache_mb", "must be at least 1"),
+            (self.max_turns >= 1, "max_turns", "must be at least 1"),
+            (self.tool_timeout_s > 0, "tool_timeout_s", "must be positive"),
+            (
+                not (self.vision_config and self.vision_encoder),
+                "vision_config",
+                "and vision_encoder are both set; give one: a fresh encoder's config or a pretrained encoder's directory",
+            ),
+            (
+                not self.vision_config or self.train_vision_encoder,
+                "vision_config",
+                "makes an encoder of random weights, which must be trained: set train_vision_encoder: true",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vlm-demo",
         help="render a synthetic picture set (shapes, colours, positions) with questions for the vlm-* stages",
     )
-    vlm.add_argument("out", help="output directory: images/, train.jsonl, test.jsonl (created if missing)")
+    vlm.add_argument("out", help="output directory: images/, train.jsonl, test.jsonl, tokenizer/ (created if missing)")
     vlm.add_argument("--count", type=int, default=600, help="pictures to render (default 600; 3 questions each)")
     vlm.add_argument("--seed", type=int, default=0, help="seed of the pictures and the split")
     pairs = sub.add_parser(
@@ -110,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
         from training.vlm_demo_data import build_vlm_demo
 
         counts = build_vlm_demo(Path(args.out).expanduser(), args.count, seed=args.seed)
-        print(f"wrote {args.out}/train.jsonl ({counts['train']}) and test.jsonl ({counts['test']}), images in images/")
+        print(
+            f"wrote {args.out}/train.jsonl ({counts['train']}) and test.jsonl ({counts['test']}), images in images/, "
+            "a tokenizer in tokenizer/"
+        )
         return 0
     if args.action == "pairs":
         from training.distill_data import make_pairs

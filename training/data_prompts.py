@@ -3,7 +3,7 @@
 `messages` are the conversation so far (usually a system and a user turn); the model answers it. `answer` is the
 ground truth the rule rewards compare with (optional: a reward model or a user function may not need one);
 `{"prompt": "..."}` is accepted as a single user turn. Prompts are small, so they are read into memory and
-rendered with the chat template once (assistant turn opened); one longer than max_seq_len - max_completion_len
+rendered with the chat template once (assistant turn opened; with `tools`, the template lists them); one longer than max_seq_len - max_completion_len
 tokens is a bad line (the completion would not fit).
 """
 
@@ -39,7 +39,14 @@ def prompt_messages(record: Any) -> tuple[list[dict[str, Any]], str | None]:
 class PromptDataset:
     """Items: {"prompt_ids": [...], "messages": [...], "answer": str | None}."""
 
-    def __init__(self, files: list[Path], tokenizer: Any, max_prompt_len: int, skip_bad_lines: bool) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        tokenizer: Any,
+        max_prompt_len: int,
+        skip_bad_lines: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.items: list[dict[str, Any]] = []
         stats = LineStats()
         for path in files:
@@ -51,7 +58,9 @@ class PromptDataset:
                     stats.lines += 1
                     try:
                         messages, answer = prompt_messages(json.loads(raw))
-                        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                        text = tokenizer.apply_chat_template(
+                            messages, tools=tools, tokenize=False, add_generation_prompt=True
+                        )
                         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                         if len(ids) > max_prompt_len:
                             raise ValueError(

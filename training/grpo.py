@@ -16,6 +16,7 @@ that checkpoints save, so a resumed run draws the same completions as one never 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from training.errors import TrainingError
 from training.losses import token_logps
 from training.rewards import RewardSet, Sample
 from training.rl_losses import group_advantages, k3_kl, masked_sum, policy_loss
-from training.rollout import RolloutEngine
+from training.rollout import RolloutEngine, Trajectory, training_rows
 from training.stages import SFTStage, StageContext, StageLoss, require_chat_template
 
 CISPO_DEFAULT_CAP = 5.0
@@ -46,11 +47,18 @@ class GRPOStage(SFTStage):
             raise TrainingError("use_lora is not supported by the grpo stage yet; train all weights (use_lora: false)")
         if cfg.distributed == "fsdp":
             raise TrainingError("the grpo stage samples on unsharded weights; use distributed: ddp")
-        self.rewards = RewardSet(cfg.rewards)  # unknown names fail here, before any model is built
-        return PromptDataset(cfg.data_files, tokenizer, cfg.max_seq_len - cfg.max_completion_len, cfg.skip_bad_lines)
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_model)  # bad names and paths fail before any model is built
+        return PromptDataset(
+            cfg.data_files, tokenizer, cfg.max_seq_len - cfg.max_completion_len, cfg.skip_bad_lines, self.tools(cfg)
+        )
+
+    def tools(self, cfg: TrainConfig) -> list[dict[str, Any]] | None:
+        """Tool schemas the prompts list (none here; the agent stage's)."""
+        return None
 
     def setup(self, context: StageContext) -> None:
         cfg = self.cfg = context.cfg
+        self.rewards.to(context.device)
         self.unit = "tokens" if cfg.loss_norm == "token" else "sequences"
         if cfg.compile:
             raise TrainingError("compile is not supported by the grpo stage yet (compile: false)")
@@ -62,15 +70,17 @@ class GRPOStage(SFTStage):
         )
         self.epsilon_high = cfg.epsilon_high or (CISPO_DEFAULT_CAP if cfg.rl_loss == "cispo" else cfg.epsilon)
 
-    def sampling_params(self, seed: int) -> Any:
+    def sampling_params(self, seed: int, n: int = 0, max_tokens: int = 0) -> Any:
+        """The rollouts' SamplingParams: n completions (default num_generations) of max_tokens (default
+        max_completion_len) each."""
         from engine.sampling_params import SamplingParams
 
         cfg = self.cfg
         return SamplingParams(
-            n=cfg.num_generations,
+            n=n or cfg.num_generations,
             temperature=cfg.rollout_temperature,
             top_p=cfg.rollout_top_p,
-            max_tokens=cfg.max_completion_len,
+            max_tokens=max_tokens or cfg.max_completion_len,
             stop=list(cfg.rollout_stop),
             seed=seed,
             logprobs=0,
@@ -88,37 +98,39 @@ class GRPOStage(SFTStage):
         the positions whose logits predict them, the sampling log-probabilities there and the rewards. Shared
         by the RL stages (training/ppo.py adds values and GAE to it)."""
         seed = int(torch.randint(0, 2**62, ()))  # from the checkpointed RNG: a resumed run samples the same
+        start = time.perf_counter()
         completions = self.engine.generate([item["prompt_ids"] for item in items], self.sampling_params(seed))
+        elapsed = time.perf_counter() - start
+        trajectories = []
+        for c in completions:
+            trajectory = Trajectory.start(c.prompt_index, items[c.prompt_index]["prompt_ids"])
+            trajectory.add_model_turn(c)
+            trajectories.append(trajectory)
+        return self.scored_batch(trajectories, items, tokenizer, elapsed)
+
+    def scored_batch(
+        self, trajectories: list[Trajectory], items: list[dict[str, Any]], tokenizer: Any, rollout_s: float
+    ) -> dict[str, torch.Tensor]:
+        """The training rows of the rollouts, their rewards (the total, and each reward's own as reward/NAME) and
+        the rollout speed (sampled tokens per second of engine time, `rollout_s`)."""
         samples = [
             Sample(
-                items[c.prompt_index]["messages"],
-                items[c.prompt_index]["answer"],
-                c.text,
-                c.token_ids,
-                c.finish_reason,
-                self.cfg.max_completion_len,
+                items[t.prompt_index]["messages"],
+                items[t.prompt_index]["answer"],
+                t.text,
+                t.sampled_ids(),
+                t.finish_reason,
+                self.cfg.max_completion_len * max(t.turns, 1),
+                t.calls,
             )
-            for c in completions
+            for t in trajectories
         ]
         totals, parts = self.rewards.score(samples)
-        rewards = torch.tensor(totals, dtype=torch.float32)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        rows = [items[c.prompt_index]["prompt_ids"] + c.token_ids for c in completions]
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        old_logps = torch.zeros(len(rows), width, dtype=torch.float32)
-        for i, (row, c) in enumerate(zip(rows, completions)):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            start = len(row) - len(c.token_ids) - 1  # position whose logits predict the first completion token
-            targets[i, start : start + len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-            old_logps[i, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
-        batch = {
-            "input_ids": input_ids,
-            "targets": targets,
-            "old_logps": old_logps,
-            "rewards": rewards,
-        }
+        batch = training_rows(trajectories, pad)
+        batch["rewards"] = torch.tensor(totals, dtype=torch.float32)
+        sampled = sum(len(t.sampled_ids()) for t in trajectories)
+        batch["rollout_tokens_per_s"] = torch.tensor(sampled / max(rollout_s, 1e-9), dtype=torch.float32)
         for name, values in parts.items():
             batch[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)
         return batch
@@ -170,6 +182,7 @@ class GRPOStage(SFTStage):
             "reward_std": groups.std(dim=1, unbiased=False).mean(),
             "clip_fraction": (clipped & mask).sum() / tokens,
             "completion_len": mask.sum(-1).float().mean(),
+            "rollout_tokens_per_s": batch["rollout_tokens_per_s"],
         }
         if ref_logps is not None:
             values["kl"] = (k3_kl(logps, ref_logps) * mask).sum() / tokens

@@ -41,13 +41,21 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
-def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float) -> list[str]:
-    """Freeze every parameter, wrap each nn.Linear whose name ends in one of `targets`; return wrapped paths."""
+def apply_lora(
+    model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, within: str = ""
+) -> list[str]:
+    """Freeze every parameter, wrap each nn.Linear whose name ends in one of `targets` (and starts with `within`,
+    e.g. "model." for a VLM's LLM but not its vision encoder); return wrapped paths."""
     for param in model.parameters():
         param.requires_grad_(False)
     wrapped = []
     for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in targets and path != "lm_head":
+        if (
+            isinstance(module, nn.Linear)
+            and path.rsplit(".", 1)[-1] in targets
+            and path != "lm_head"
+            and path.startswith(within)
+        ):
             parent_path, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent_path), name, LoRALinear(module, rank, alpha, dropout))
             wrapped.append(path)

@@ -2,7 +2,8 @@
 the weights of the `rewards:` config mapping, e.g. `rewards: {exact_match: 1.0, format: 0.2}` or
 `rewards: {"my_rewards:score": 1.0}`.
 
-A reward function takes one `Sample` (the conversation, the ground-truth answer if the data line has one, the
+`reward_model` is a local sequence-classification model (training/reward_model.py; its directory in the
+`reward_model:` field). A reward function takes one `Sample` (the conversation, the ground-truth answer if the data line has one, the
 completion's text and tokens) and returns a float. Rule rewards read the final answer as the text after the
 last `</think>` (with `<answer>` tags stripped), so reasoning models and plain ones are scored alike.
 """
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.tool_calls import parse_tool_calls
 from training.errors import TrainingError
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -32,6 +34,7 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     max_tokens: int = 0
+    tool_calls: list[Any] = field(default_factory=list)  # the agent stage's calls (training/tools.py ToolResult)
 
 
 RewardFn = Callable[[Sample], float]
@@ -76,12 +79,21 @@ def repetition_penalty(sample: Sample, n: int = 3) -> float:
     return -(len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
+def tool_call_validity(sample: Sample) -> float:
+    """1 when the completion made tool calls and every one was well-formed (agent stage: parsed, a known tool,
+    ran without error; other stages: every `<tool_call>` block parses), else 0."""
+    if sample.tool_calls:
+        return float(all(result.ok for result in sample.tool_calls))
+    return float(bool(parse_tool_calls(sample.completion)[1]))
+
+
 RULES: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "numeric_match": numeric_match,
     "format": think_format,
     "length": length_penalty,
     "repetition": repetition_penalty,
+    "tool_call": tool_call_validity,
 }
 
 
@@ -91,7 +103,8 @@ def resolve(name: str) -> RewardFn:
         return RULES[name]
     if ":" not in name:
         raise TrainingError(
-            f"unknown reward {name!r} in rewards:; use one of {', '.join(RULES)} or a Python function as module:function"
+            f"unknown reward {name!r} in rewards:; use one of {', '.join(RULES)}, reward_model or a Python function "
+            "as module:function"
         )
     module_name, _, attr = name.partition(":")
     try:
@@ -106,13 +119,33 @@ def resolve(name: str) -> RewardFn:
 class RewardSet:
     """The weighted rewards of a config: `score` gives the total per sample and each reward's own value."""
 
-    def __init__(self, weights: dict[str, float]) -> None:
+    def __init__(self, weights: dict[str, float], reward_model: str = "") -> None:
         if not weights:
             raise TrainingError("rewards: is empty; give at least one, e.g. rewards: {exact_match: 1.0}")
         self.weights = {name: float(weight) for name, weight in weights.items()}
-        self.fns = {name: resolve(name) for name in self.weights}
+        self.fns = {name: self.resolve(name, reward_model) for name in self.weights}
+
+    @staticmethod
+    def resolve(name: str, reward_model: str) -> RewardFn:
+        if name == "reward_model":
+            from training.reward_model import RewardModel
+
+            return RewardModel(reward_model)
+        return resolve(name)
+
+    def to(self, device: Any) -> RewardSet:
+        """Move the model-based rewards to the policy's device."""
+        for fn in self.fns.values():
+            if hasattr(fn, "to"):
+                fn.to(device)
+        return self
 
     def score(self, samples: list[Sample]) -> tuple[list[float], dict[str, list[float]]]:
-        parts = {name: [float(fn(sample)) for sample in samples] for name, fn in self.fns.items()}
+        parts = {
+            name: [float(v) for v in fn.score_batch(samples)]
+            if hasattr(fn, "score_batch")  # a model scores the whole batch in a few forwards
+            else [float(fn(sample)) for sample in samples]
+            for name, fn in self.fns.items()
+        }
         totals = [sum(self.weights[name] * parts[name][i] for name in parts) for i in range(len(samples))]
         return totals, parts

@@ -13,12 +13,13 @@ distribution each token was drawn from (`logprobs_mode="processed"`): the old po
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from training.data import IGNORE
 from training.dpo import eval_mode
 
 
@@ -29,6 +30,57 @@ class Completion:
     logprobs: list[float]  # the sampling distribution's log-probability of each token
     text: str
     finish_reason: str | None
+
+
+@dataclass
+class Trajectory:
+    """One rollout as the trainer sees it: the prompt, then the model's turns and (agent stage) the tool turns
+    between them, with which tokens the model sampled (trained) and their sampling log-probabilities."""
+
+    prompt_index: int
+    ids: list[int]
+    trained: list[bool]
+    logprobs: list[float]
+    text: str = ""  # the model's last turn
+    finish_reason: str | None = None
+    calls: list[Any] = field(default_factory=list)  # training/tools.py ToolResult of each call made
+    turns: int = 0
+
+    @classmethod
+    def start(cls, prompt_index: int, prompt_ids: list[int]) -> Trajectory:
+        return cls(prompt_index, list(prompt_ids), [False] * len(prompt_ids), [0.0] * len(prompt_ids))
+
+    def add_model_turn(self, completion: Completion) -> None:
+        self.ids += completion.token_ids
+        self.trained += [True] * len(completion.token_ids)
+        self.logprobs += completion.logprobs
+        self.text, self.finish_reason = completion.text, completion.finish_reason
+        self.turns += 1
+
+    def add_context(self, ids: list[int]) -> None:
+        """Tokens the model reads but did not sample (a tool turn): no loss on them."""
+        self.ids += ids
+        self.trained += [False] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+
+    def sampled_ids(self) -> list[int]:
+        return [token for token, trained in zip(self.ids, self.trained) if trained]
+
+
+def training_rows(trajectories: list[Trajectory], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, and at each position whose logits predict a sampled token: that token (targets,
+    -100 elsewhere) and its sampling log-probability (old_logps, 0 elsewhere)."""
+    width = max(len(t.ids) for t in trajectories)
+    input_ids = torch.full((len(trajectories), width), pad, dtype=torch.long)
+    targets = torch.full((len(trajectories), width), IGNORE, dtype=torch.long)
+    old_logps = torch.zeros(len(trajectories), width, dtype=torch.float32)
+    for i, t in enumerate(trajectories):
+        ids = torch.tensor(t.ids, dtype=torch.long)
+        input_ids[i, : len(ids)] = ids
+        sampled = torch.tensor(t.trained[1:], dtype=torch.bool)  # position p predicts token p + 1
+        targets[i, : len(ids) - 1][sampled] = ids[1:][sampled]
+        old_logps[i, : len(ids) - 1][sampled] = torch.tensor(t.logprobs[1:], dtype=torch.float32)[sampled]
+    return {"input_ids": input_ids, "targets": targets, "old_logps": old_logps}
 
 
 class RolloutEngine:

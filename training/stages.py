@@ -160,6 +160,7 @@ class OptionalLoRA:
 
 def stage_classes() -> dict[str, type[Stage]]:
     """Every stage by name (the alignment stages live in their own modules, which import this one)."""
+    from training.agent import AgentStage
     from training.distill import DistillStage
     from training.dpo import DPOStage
     from training.grpo import GRPOStage
@@ -176,6 +177,7 @@ def stage_classes() -> dict[str, type[Stage]]:
         ReasonStage,
         GRPOStage,
         PPOStage,
+        AgentStage,
         VLMPretrainStage,
         VLMSFTStage,
     )

@@ -22,15 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.vision.config import IMAGE_TOKEN
+from models.vision.config import IMAGE_MARKER, IMAGE_TOKEN
 from models.vision.image import ImagePreprocessor, open_image
 from training.chat_masks import normalise_messages, tokenize_conversation
 from training.config import TrainConfig
 from training.data import IGNORE, pad_collate
 from training.errors import TrainingError
 from training.stages import SFTStage, StageLoss, require_chat_template
-
-IMAGE_MARKER = "<image>"
 
 
 def vision_config_for(cfg: TrainConfig) -> tuple[Any, Path | None]:
@@ -39,6 +37,13 @@ def vision_config_for(cfg: TrainConfig) -> tuple[Any, Path | None]:
 
     import models.vision  # noqa: F401 - registers minimind_vlm with AutoConfig
 
+    if cfg.vision_config:
+        from models.vision.config import vision_config_from
+
+        try:
+            return vision_config_from(dict(cfg.vision_config)), None
+        except (ValueError, TypeError) as err:
+            raise TrainingError(f"vision_config: {err}") from None
     if cfg.vision_encoder:
         folder = Path(cfg.vision_encoder).expanduser()
         return AutoConfig.from_pretrained(folder), folder
@@ -49,7 +54,8 @@ def vision_config_for(cfg: TrainConfig) -> tuple[Any, Path | None]:
             return config.vision_config, source
     raise TrainingError(
         f"stage {cfg.stage} needs a vision encoder: set init_from to a MiniMind-V directory, or vision_encoder to "
-        "a transformers SigLIP/CLIP vision model directory (with init_from the LLM to extend)"
+        "a transformers SigLIP/CLIP vision model directory (with init_from the LLM to extend), or vision_config to "
+        "a fresh encoder's config (trained from scratch with train_vision_encoder: true)"
     )
 
 
@@ -87,9 +93,11 @@ class VLMDataset:
             message["content"] = message["content"].replace(IMAGE_MARKER, self.placeholder)
         ids, trained = tokenize_conversation(self.tokenizer, messages, tools)
         ids, trained = ids[: self.seq_len + 1], trained[: self.seq_len + 1]
-        complete = ids.count(self.image_token_id) // self.image_token_len
-        if ids.count(self.image_token_id) % self.image_token_len:  # a run cut in the middle: cut before it
-            cut = [i for i, t in enumerate(ids) if t == self.image_token_id][complete * self.image_token_len]
+        # the model reads ids[:-1] (each position predicts the next token): count the runs it sees
+        slots = [i for i, t in enumerate(ids[:-1]) if t == self.image_token_id]
+        complete = len(slots) // self.image_token_len
+        if len(slots) % self.image_token_len:  # a run cut in the middle: cut before it
+            cut = slots[complete * self.image_token_len]
             ids, trained = ids[:cut], trained[:cut]
         return ids, trained, images[:complete]
 
@@ -98,8 +106,9 @@ class VLMDataset:
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, trained, images = self.items[index]
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        targets = torch.where(torch.tensor(trained), input_ids, IGNORE)
+        tokens = torch.tensor(ids, dtype=torch.long)
+        labels = torch.where(torch.tensor(trained), tokens, IGNORE)
+        input_ids, targets = tokens[:-1], labels[1:]  # shifted here, as SFTDataset does: the loss takes them as is
         size = self.preprocess.size
         pixels = [self.preprocess(open_image(load_bytes(image))) for image in images]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size)
@@ -145,19 +154,27 @@ def read_rows(path: Path, image_dir: Path) -> Any:
 
 
 def attach_encoder(model: nn.Module, cfg: TrainConfig, image_token_id: int) -> nn.Module:
-    """An LLM becomes a VLM with the encoder of `cfg.vision_encoder` and a fresh projector (seeded)."""
+    """An LLM becomes a VLM with a fresh projector (seeded) and the encoder of `cfg.vision_encoder`, or a fresh
+    encoder of `cfg.vision_config`."""
+    from models.errors import CheckpointError
     from models.vision import MiniMindVLMForCausalLM
     from models.vision.checkpoint import encoder_state, vlm_config_from
 
     if isinstance(model, MiniMindVLMForCausalLM):
         return model
-    folder = Path(cfg.vision_encoder).expanduser()
-    config = vlm_config_from(model.config, folder, {"image_ids": [image_token_id]})
+    fresh = bool(cfg.vision_config)
+    encoder = dict(cfg.vision_config) if fresh else Path(cfg.vision_encoder).expanduser()
+    try:
+        config = vlm_config_from(model.config, encoder, {"image_ids": [image_token_id]})
+    except CheckpointError as err:
+        raise TrainingError(str(err)) from None
     torch.manual_seed(cfg.seed)
     vlm = MiniMindVLMForCausalLM(config)
-    missing, unexpected = vlm.load_state_dict({**model.state_dict(), **encoder_state(folder)}, strict=False)
-    if unexpected or any(not key.startswith("vision_proj.") for key in missing):
-        raise TrainingError(f"{folder}: the encoder does not fit ({(unexpected or missing)[:3]})")
+    state = model.state_dict() if fresh else {**model.state_dict(), **encoder_state(encoder)}
+    missing, unexpected = vlm.load_state_dict(state, strict=False)
+    new_parts = ("vision_proj.", "vision_encoder.") if fresh else ("vision_proj.",)
+    if unexpected or any(not key.startswith(new_parts) for key in missing):
+        raise TrainingError(f"{encoder}: the encoder does not fit ({(unexpected or missing)[:3]})")
     return vlm.train()
 
 
@@ -187,9 +204,16 @@ class VLMPretrainStage(SFTStage):
 
     def prepare_model(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
         model = attach_encoder(model, cfg, self.image_token_id)
+        trained = self.trained_prefixes + (("vision_encoder.",) if cfg.train_vision_encoder else ())
+        if cfg.use_lora and self.name == "vlm-sft":  # adapters on the LLM's layers; the projector trains in full
+            from training.lora import apply_lora
+
+            apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, within="model.")
+            trained = tuple(p for p in trained if p not in ("model.", "lm_head.")) + ("lora_",)
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(self.trained_prefixes)
-        model.vision_encoder.eval()
+            param.requires_grad = name.startswith(trained) or ".lora_" in name
+        if not cfg.train_vision_encoder:
+            model.vision_encoder.eval()
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StageLoss:
@@ -203,6 +227,12 @@ class VLMPretrainStage(SFTStage):
 
         if cfg.save_format != "hf":
             raise TrainingError(f"stage {self.name} saves Hugging Face directories only (save_format: hf)")
+        if cfg.use_lora and self.name == "vlm-sft":  # the adapter beside, the merged VLM (projector too) in final/
+            from training.lora import merge_and_unwrap, save_adapter
+
+            lora = out_dir.with_name(out_dir.name + "-lora")
+            save_adapter(model, lora, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.init_from)
+            model = merge_and_unwrap(model)
         write_vlm_dir(out_dir, model, tokenizer, force=True)
 
 

@@ -1,5 +1,6 @@
 """A synthetic picture set for MiniMind-V demos: shapes in colours at positions, rendered with PIL, with
-templated captions and question/answer conversations (JSONL + image folder, the vlm-* stages' format).
+templated captions and question/answer conversations (JSONL + image folder, the vlm-* stages' format), and a
+small tokenizer trained on its text (with `<|image_pad|>`), so configs/vlm-demo.yaml trains with nothing else.
 
 Every answer is a single word read off the drawing, so held-out accuracy is a plain exact-match count.
 """
@@ -41,8 +42,12 @@ def render(shape: str, colour: str, position: str, size: int = 64, jitter: rando
     return image
 
 
+TOKENIZER_VOCAB = 384  # the byte alphabet, the special tokens and ~100 merges: every question word is a few tokens
+
+
 def build_vlm_demo(out: Path, count: int = 600, test_fraction: float = 0.1, seed: int = 0) -> dict[str, int]:
-    """OUT/images/*.png, OUT/train.jsonl and OUT/test.jsonl (one conversation per question and picture)."""
+    """OUT/images/*.png, OUT/train.jsonl and OUT/test.jsonl (one conversation per question and picture),
+    OUT/tokenizer/ (trained on train.jsonl)."""
     rng = random.Random(seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -55,7 +60,10 @@ def build_vlm_demo(out: Path, count: int = 600, test_fraction: float = 0.1, seed
         answers = {"colour": colour, "shape": shape, "position": position}
         for kind, question in QUESTIONS.items():
             conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": answers[kind]}]
-            rows[split].append({"image": f"images/{name}", "conversations": conversation})
+            rows[split].append({"image": f"images/{name}", "conversations": conversation, "kind": kind})
     for split, lines in rows.items():
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    from models.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(out / "train.jsonl", vocab_size=TOKENIZER_VOCAB), out / "tokenizer")
     return {split: len(lines) for split, lines in rows.items()}

@@ -1,7 +1,9 @@
 """Gradio page: a multi-turn chat about uploaded images with a MiniMind-V model, through the OpenAI API.
 
 `minimind vlm-demo --api-base URL` talks to a running `minimind serve`; `--model PATH` starts one as a
-subprocess first (the web UI speaks only HTTP). Also `python webui/vlm_demo.py [same flags]`.
+subprocess first (the web UI speaks only HTTP). With neither (and no MINIMIND_API_BASE) it serves the offline demo
+model that configs/vlm-demo.yaml trains into runs/vlm-demo/final, or says how to make it. Also
+`python webui/vlm_demo.py [same flags]`.
 Images go to the server as data URLs in OpenAI `image_url` parts, so every turn's images stay in the
 conversation the model sees; answers stream.
 """
@@ -28,6 +30,13 @@ if __package__ in (None, ""):  # `python webui/vlm_demo.py`: make the repository
 from webui.chat_logic import DEFAULT_API_BASE, DEFAULT_API_KEY, api_settings_from_env, friendly_error
 
 DEFAULT_PORT = 7860  # Gradio's usual port, as the design card says
+DEMO_MODEL = Path("runs/vlm-demo/final")  # configs/vlm-demo.yaml's output, relative to where it was run
+MAKE_DEMO_MODEL = (
+    f"no model given and no offline demo model at {DEMO_MODEL}; make it (a few minutes on CPU) with\n"
+    "  minimind data vlm-demo data/vlm-demo\n"
+    "  minimind train --config configs/vlm-demo.yaml\n"
+    "or pass --model PATH (a MiniMind-V directory) or --api-base URL (a running minimind serve)"
+)
 
 
 def image_part(path: str | Path) -> dict[str, Any]:
@@ -170,7 +179,12 @@ def start_server(model: str, timeout: float = 300) -> tuple[subprocess.Popen, st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="PATH", help="start `minimind serve` on this MiniMind-V model and use it")
+    source.add_argument(
+        "--model",
+        metavar="PATH",
+        help=f"start `minimind serve` on this MiniMind-V model and use it (default: {DEMO_MODEL}, the offline demo "
+        "model of configs/vlm-demo.yaml, unless --api-base or MINIMIND_API_BASE is given)",
+    )
     source.add_argument(
         "--api-base",
         metavar="URL",
@@ -190,8 +204,14 @@ def run(args: argparse.Namespace) -> int:
     env_base, env_key = api_settings_from_env()
     server = None
     api_base = args.api_base or env_base
-    if args.model:
-        server, api_base = start_server(args.model)
+    model = args.model
+    if not model and not args.api_base and not os.environ.get("MINIMIND_API_BASE", "").strip():
+        if not (DEMO_MODEL / "config.json").is_file():
+            print(f"error: {MAKE_DEMO_MODEL}", file=sys.stderr)
+            return 1
+        model = str(DEMO_MODEL)
+    if model:
+        server, api_base = start_server(model)
     try:
         build_demo(api_base, args.api_key or env_key).launch(server_name=args.host, server_port=args.port)
     finally:

@@ -291,13 +291,7 @@ def model_info(core: Any, config: EngineConfig, served_model_name: str | None) -
 
 
 def engine_stats(core: Any) -> EngineStats:
-    scheduler = core.scheduler
-    return EngineStats(
-        running=len(scheduler.running),
-        waiting=len(scheduler.waiting),
-        cache_usage=core.cache.usage,
-        free_slots=core.cache.num_free,
-    )
+    return core.stats()
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

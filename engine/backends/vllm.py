@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         prompt_logprobs=params.prompt_logprobs,
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
+        # passed on as vLLM's StructuredOutputsParams (same field names); vLLM's own grammar backend enforces it
+        structured_outputs=None if params.structured_outputs is None else asdict(params.structured_outputs),
     )
 
 
@@ -212,6 +215,10 @@ class VllmBackend:
         score_only = params.max_tokens == 0  # vLLM generates at least one token: run one, report none
         if score_only:
             kwargs.update(max_tokens=1, min_tokens=0)
+        if kwargs["structured_outputs"] is not None:
+            from vllm.sampling_params import StructuredOutputsParams as VllmStructuredOutputsParams
+
+            kwargs["structured_outputs"] = VllmStructuredOutputsParams(**kwargs["structured_outputs"])
         vllm_params = VllmSamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
         generated: dict[int, int] = {}
         self.in_flight.add(request_id)

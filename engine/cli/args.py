@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import KV_CACHE_LAYOUTS, EngineConfig
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from minimind.sizes import byte_size
 from models.dtypes import DTYPE_CHOICES, DTYPE_HELP
+from models.quantization import QUANTIZATION_CHOICES
 
 # SamplingParams field -> flag name, to point error messages at the flag the user typed.
 _FLAG_OF = {
@@ -29,8 +30,8 @@ _FLAG_OF = {
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --tokenizer, --lora, --draft-model, --num-speculative-tokens, --device, --dtype, --max-model-len,
-    --compile, and the engine's capacity flags (--max-num-seqs, --max-prefill-tokens, --kv-cache-memory,
-    --no-cuda-graphs)."""
+    --quantization, --compile, and the engine's capacity flags (--max-num-seqs, --max-prefill-tokens,
+    --kv-cache-memory, --kv-cache, --enable-prefix-caching, --no-cuda-graphs)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -69,6 +70,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="context window in tokens, prompt + output (default: model's)"
     )
     group.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATION_CHOICES,
+        help="CPU: store the linear layers' weights in 8 or 4 bits (weight-only, per-channel int8 or llama.cpp's "
+        "Q4_0 scheme): faster decoding, slightly different outputs (default: none)",
+    )
+    group.add_argument(
         "--compile",
         action="store_true",
         help="GPU: run decode steps through torch.compile (about 2x faster at small batch sizes; the first "
@@ -85,7 +93,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-prefill-tokens",
         type=int,
         default=EngineConfig.max_prefill_tokens,
-        help="most prompt tokens admitted into one prefill step; a longer prompt still runs, alone "
+        help="most prompt tokens computed in one prefill step (vLLM's --max-num-batched-tokens); a longer prompt "
+        "is prefilled in chunks of this size, with a decode step of the running sequences between chunks "
         f"(default: {EngineConfig.max_prefill_tokens})",
     )
     engine.add_argument(
@@ -95,6 +104,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="memory for the KV cache (bytes, or e.g. 2GiB); it bounds how many sequences run at once "
         "(default: half the free GPU memory, or 2GiB on the CPU)",
+    )
+    engine.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_LAYOUTS,
+        default=EngineConfig.kv_cache,
+        help="KV cache layout: contiguous (one max-model-len slot per sequence) or paged (16-token blocks taken as "
+        "tokens arrive, so memory bounds tokens rather than sequences, with prefix caching) "
+        f"(default: {EngineConfig.kv_cache})",
+    )
+    engine.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=EngineConfig.enable_prefix_caching,
+        help="with --kv-cache paged: prompts that start like an earlier one (system prompt, re-sent chat history) "
+        "reuse its cached blocks instead of computing them again (default: on)",
     )
     engine.add_argument(
         "--cuda-graphs",

@@ -34,9 +34,10 @@ def find_vision_encoder(pth: Path, given: str | Path | None) -> Path | None:
     return beside if (beside / "config.json").is_file() else None
 
 
-def vlm_config_from(llm: MiniMindConfig, encoder_dir: Path, upstream: dict[str, Any]) -> MiniMindVLMConfig:
-    """Our VLM config: the LLM fields already read, the encoder's config and upstream's image fields."""
-    raw = read_json(encoder_dir / "config.json")
+def vlm_config_from(llm: MiniMindConfig, encoder: Path | dict[str, Any], upstream: dict[str, Any]) -> MiniMindVLMConfig:
+    """Our VLM config: the LLM fields already read, the encoder's config (its directory, or the config itself
+    for a fresh encoder) and upstream's image fields."""
+    raw = read_json(encoder / "config.json") if isinstance(encoder, Path) else dict(encoder)
     vision = raw.get("vision_config", raw) if raw.get("model_type") in ("siglip", "clip") else raw
     if raw.get("model_type") in ("siglip", "clip"):
         vision = {**vision, "model_type": f"{raw['model_type']}_vision_model"}
@@ -52,7 +53,7 @@ def vlm_config_from(llm: MiniMindConfig, encoder_dir: Path, upstream: dict[str, 
             **fields,
         )
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{encoder_dir}: {err}") from err
+        raise CheckpointError(f"{encoder if isinstance(encoder, Path) else 'vision_config'}: {err}") from err
 
 
 def encoder_state(encoder_dir: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from models.config import MiniMindConfig
 
 IMAGE_TOKEN = "<|image_pad|>"
+# Where an image goes in a data file's text (upstream minimind-v's marker); it becomes one run of placeholders.
+IMAGE_MARKER = "<image>"
 # The vision encoders transformers provides that the VLM accepts (their last_hidden_state is projected).
 VISION_MODEL_TYPES = ("siglip_vision_model", "clip_vision_model")
 
