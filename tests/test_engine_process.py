@@ -93,13 +93,15 @@ def test_warm_up_fits_a_one_place_queue_and_skips_what_it_can_never_queue():
 
 
 class FailOnce:
-    """Wraps the engine's step(): the next call raises (as a CUDA error would), later ones run normally."""
+    """Wraps the engine's step(): once armed, the first call with a request running and another waiting raises (as
+    a CUDA error would); later ones run normally. Waiting for that state, not for a time, keeps the test exact."""
 
-    def __init__(self, step) -> None:
-        self.step, self.armed = step, False
+    def __init__(self, core) -> None:
+        self.core, self.step, self.armed = core, core.step, False
 
     def __call__(self):
-        if self.armed:
+        scheduler = self.core.scheduler
+        if self.armed and scheduler.running and scheduler.waiting:
             self.armed = False
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
         return self.step()
@@ -119,7 +121,7 @@ def test_engine_loop_and_remote_backend_over_a_real_socket(tmp_path):
 
     config = EngineConfig(model=str(tiny_model_dir()), device="cpu", max_model_len=128, max_num_seqs=1, max_queue=2)
     core = build_engine(config)
-    failing = core.step = FailOnce(core.step)
+    failing = core.step = FailOnce(core)
     address = f"ipc://{tmp_path}/engine.sock"
     loop = EngineLoop(core, address, engine_info(core, config, "tiny"))
     thread = threading.Thread(target=loop.run, daemon=True)
@@ -137,10 +139,9 @@ def test_engine_loop_and_remote_backend_over_a_real_socket(tmp_path):
         assert sum(len(d.token_ids) for d in deltas) == 6 and deltas[-1].finish_reason == "length"
         assert {d.request_id for d in deltas} == {"a"}
         # one running, one waiting (429s across the channel: tests/test_server_errors.py, every layout)
+        failing.armed = True  # the first step with both in the engine fails: both end with the error
         running = asyncio.create_task(collect("b", 100))
         waiting = asyncio.create_task(collect("c", 100))
-        await asyncio.sleep(0.3)
-        failing.armed = True  # the next step fails: both live requests end with the error
         for task in (running, waiting):
             with pytest.raises(EngineError, match="illegal memory access"):
                 await task
