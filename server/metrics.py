@@ -2,16 +2,23 @@
 
 Latencies are measured here, on the stream of deltas the server receives, so both backends report the same
 way. Each app gets its own registry, so several servers in one process (tests) do not collide.
+
+With several API processes (--api-server-count), `minimind serve` sets PROMETHEUS_MULTIPROC_DIR before it
+starts them: prometheus_client then keeps every process's counters and histograms in files there, and a scrape of
+any process reports the sum over all of them. The engine's gauges (running, waiting, cache use) are read from
+the one engine at scrape time, never summed.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from engine.backend import Backend, CompletionDelta
 
@@ -24,21 +31,29 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class PrefixCacheCounters:
-    """vLLM's prefix-cache counters (prompt tokens looked up, tokens found), read from the engine at scrape time."""
+class EngineGauges(Collector):
+    """The engine's own numbers, read at scrape time so that they are never stale."""
 
     def __init__(self, backend: Backend, model_name: str) -> None:
         self.backend, self.model_name = backend, model_name
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.backend.stats()
-        for name, text, value in (
+        for name, documentation, value in (
+            ("num_requests_running", "Requests in the running batch", stats.running),
+            ("num_requests_waiting", "Requests waiting for a batch slot", stats.waiting),
+            ("kv_cache_usage_perc", "KV cache in use, 0..1", stats.cache_usage),
+        ):
+            gauge = GaugeMetricFamily(PREFIX + name, documentation, labels=["model_name"])
+            gauge.add_metric([self.model_name], value)
+            yield gauge
+        for name, documentation, value in (
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
         ):
-            family = CounterMetricFamily(f"{PREFIX}{name}", text, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            yield family
+            counter = CounterMetricFamily(PREFIX + name, documentation, labels=["model_name"])
+            counter.add_metric([self.model_name], value)
+            yield counter
 
 
 class ServerMetrics:
@@ -47,14 +62,8 @@ class ServerMetrics:
         labels = ["model_name"]
         self.model_name = model_name
         r = self.registry
-        self.running = Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch", labels, registry=r)
-        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Requests waiting for a batch slot", labels, registry=r)
-        self.cache_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "KV cache in use, 0..1", labels, registry=r)
-        # read from the engine at scrape time, so the numbers are never stale
-        self.running.labels(model_name).set_function(lambda: backend.stats().running)
-        self.waiting.labels(model_name).set_function(lambda: backend.stats().waiting)
-        self.cache_usage.labels(model_name).set_function(lambda: backend.stats().cache_usage)
-        r.register(PrefixCacheCounters(backend, model_name))
+        self.engine = EngineGauges(backend, model_name)
+        r.register(self.engine)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", labels, registry=r)
         self.request_success = Counter(
@@ -82,7 +91,15 @@ class ServerMetrics:
         self.request_success.labels(self.model_name, "abort").inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, folder)
+        every_process.register(self.engine)
+        return generate_latest(every_process)
 
     async def track(self, deltas: AsyncIterator[CompletionDelta], started: float) -> AsyncIterator[CompletionDelta]:
         """Pass deltas through unchanged, observing TTFT, inter-token latency, e2e latency and token counts."""

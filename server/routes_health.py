@@ -12,8 +12,11 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while serving; 503 before the engine is up and once shutdown began."""
+    """200 while serving; 503 before the engine is up, once shutdown began, and when the engine process died."""
     state = request.app.state
+    dead = getattr(state.backend, "dead", None)  # engine/backends/remote.py
+    if dead:
+        return JSONResponse({"status": "engine dead", "error": dead}, status_code=503)
     if state.draining or not state.ready:
         return JSONResponse({"status": "draining" if state.draining else "starting"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -21,4 +24,7 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    refresh = getattr(request.app.state.backend, "refresh_stats", None)  # an engine in another process
+    if refresh is not None:
+        await refresh()
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

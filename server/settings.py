@@ -53,6 +53,27 @@ class Settings:
     trust_request_chat_template: bool = False
     allowed_local_media_path: str | None = None
     max_image_bytes: int = 10 << 20
+    engine_process: bool | None = None  # None: on a GPU, or with more than one API process
+    api_server_count: int = 1
+    stream_interval: int = 1
+
+
+def uses_engine_process(settings: Settings) -> bool:
+    """Whether `minimind serve` runs the native engine in a process of its own (see --engine-process)."""
+    if settings.backend != "native":
+        return False
+    if settings.engine_process is not None:
+        return settings.engine_process
+    if settings.api_server_count > 1:
+        return True
+    device = settings.device or ("cuda" if _cuda_available() else "cpu")
+    return not device.startswith(("cpu", "mps"))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def env_name(option: str) -> str:
@@ -153,6 +174,21 @@ OPTIONS: dict[str, tuple[type, str]] = {
         "vision models: largest image accepted (bytes, or e.g. 10MiB); a larger one gets HTTP 400. The request "
         "body limit (--max-request-bytes) applies first to data URLs",
     ),
+    "engine_process": (
+        bool,
+        "native backend: step the engine in a process of its own, so HTTP work never shares its GIL (default: on "
+        "with a GPU or with --api-server-count above 1, off on the CPU). Variable: 1/true or 0/false",
+    ),
+    "api_server_count": (
+        int,
+        "native backend: API processes answering HTTP on the one port, all fed by one engine process; raise it "
+        "when many concurrent streams keep one API process busy (implies --engine-process)",
+    ),
+    "stream_interval": (
+        int,
+        "streamed responses: send one event per this many generated tokens (the first token and the last always "
+        "go out at once); the text a client assembles is the same, with fewer events to parse",
+    ),
 }
 
 CHOICES = {
@@ -246,6 +282,20 @@ def validate(settings: Settings) -> None:
         (
             settings.num_speculative_tokens >= 1,
             f"--num-speculative-tokens must be at least 1, got {settings.num_speculative_tokens}",
+        ),
+        (
+            1 <= settings.api_server_count <= 64,
+            f"--api-server-count must be between 1 and 64, got {settings.api_server_count}",
+        ),
+        (settings.stream_interval >= 1, f"--stream-interval must be at least 1, got {settings.stream_interval}"),
+        (
+            settings.backend == "native" or (settings.api_server_count == 1 and not settings.engine_process),
+            "--api-server-count above 1 and --engine-process need the native backend (the vllm backend runs its "
+            "own engine process); remove them or use --backend native",
+        ),
+        (
+            settings.api_server_count == 1 or settings.engine_process is not False,
+            "--api-server-count above 1 needs the engine in its own process; remove --no-engine-process",
         ),
         (
             settings.quantization == "none" or settings.backend == "native",

@@ -15,7 +15,7 @@ import anyio
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from engine.backend import CompletionDelta
+from engine.backend import CompletionDelta, merge_deltas
 from engine.sampling_params import SamplingParams
 from server.errors import ClientDisconnected, api_error_from, error_body
 
@@ -34,7 +34,8 @@ async def run_backend(
     state = request.app.state
     started = time.perf_counter()
     stream = state.backend.generate(prompt, params, request_id, **({"images": images} if images is not None else {}))
-    tracked = state.metrics.track(stream, started)
+    interval = state.settings.stream_interval
+    tracked = state.metrics.track(coalesce(stream, interval) if interval > 1 else stream, started)
     done = False
     try:
         async for delta in tracked:
@@ -50,6 +51,24 @@ async def run_backend(
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
+
+
+async def coalesce(deltas: AsyncIterator[CompletionDelta], interval: int) -> AsyncIterator[CompletionDelta]:
+    """--stream-interval: hold each completion's deltas until `interval` tokens have gathered. A completion's first
+    delta (time to first token) and its last go out at once; merged deltas carry the same text and tokens."""
+    held: dict[int, CompletionDelta] = {}
+    seen: set[int] = set()
+    async for delta in deltas:
+        index = delta.index
+        if index in held:
+            delta = merge_deltas(held.pop(index), delta)
+        if delta.finished or index not in seen or len(delta.token_ids) >= interval:
+            seen.add(index)
+            yield delta
+        else:
+            held[index] = delta
+    for delta in held.values():  # a stream that ended without a finished delta
+        yield delta
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

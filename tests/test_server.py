@@ -14,14 +14,14 @@ import numpy as np
 import openai
 import pytest
 
-from tests.test_server_support import main_server, metric
+from tests.test_server_support import LAYOUTS, main_server, metric
 
 MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    return main_server()
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
+    return main_server(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import httpx
 import openai
 import pytest
 
-from tests.test_server_support import MODEL_NAME, main_server, needs_own_server, tight_server
+from tests.test_server_support import LAYOUTS, MODEL_NAME, main_server, needs_own_server, tight_server
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    return main_server()
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
+    return main_server(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,10 @@ def test_unknown_route_is_404_in_openai_shape(server):
     assert response.status_code == 404 and assert_openai_shape(response.json(), 404)
 
 
-def test_queue_full_is_429():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_queue_full_is_429(layout):
     """One batch slot + one queue place: of several long requests at once, some must be refused with 429."""
-    server = tight_server()
+    server = tight_server(layout)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
 
     def one(_):

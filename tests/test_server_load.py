@@ -13,8 +13,10 @@ import openai
 import pytest
 
 from tests.test_server_support import (
+    LAYOUTS,
     LONG_CONTEXT,
     MODEL_NAME,
+    layout_flags,
     long_context_model_dir,
     main_server,
     metric,
@@ -24,9 +26,9 @@ from tests.test_server_support import (
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    return main_server()
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
+    return main_server(request.param)
 
 
 def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
@@ -106,9 +108,10 @@ def _aborted(server) -> float:
     )
 
 
-def test_sigterm_drains_running_requests_then_exits():
+@pytest.mark.parametrize("layout", ["in-process", "api-4"])
+def test_sigterm_drains_running_requests_then_exits(layout):
     """SIGTERM: the running stream still finishes, new requests are refused, the process exits cleanly."""
-    server = start_server("--drain-timeout", "60", fresh=True)
+    server = start_server("--drain-timeout", "60", *layout_flags(layout), fresh=True)
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
     outcome: dict[str, object] = {}
     started = threading.Event()
@@ -139,7 +142,8 @@ def _refused(server) -> bool:
     return httpx.get(server.url + "/health", timeout=5).status_code == 503
 
 
-def test_sigterm_past_the_drain_timeout_ends_every_request_with_an_error():
+@pytest.mark.parametrize("layout", ["in-process", "api-4"])
+def test_sigterm_past_the_drain_timeout_ends_every_request_with_an_error(layout):
     """A stream still running when --drain-timeout ends gets an error event and [DONE]; a request still
     waiting for a slot gets 503; while draining, new requests get 503 (not a refused connection)."""
     server = start_server(
@@ -149,6 +153,7 @@ def test_sigterm_past_the_drain_timeout_ends_every_request_with_an_error():
         "1",
         "--max-model-len",
         str(LONG_CONTEXT),
+        *layout_flags(layout),
         fresh=True,
         model=long_context_model_dir(),
     )

@@ -150,12 +150,37 @@ def start_server(*extra: str, fresh: bool = False, timeout: float = 180, model: 
     return server
 
 
-def main_server() -> LiveServer:
+# Process layouts the client suite runs against: the engine stepped in the API process (the CPU default), and
+# the engine in a process of its own behind one or four API processes (the GPU default; --api-server-count).
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "in-process": (),
+    "api-1": ("--engine-process",),
+    "api-4": ("--api-server-count", "4"),
+}
+
+
+def layout_flags(layout: str) -> tuple[str, ...]:
+    """The flags of a layout; skips a test of a layout other than the first against an external server."""
+    if EXTERNAL_URL and layout != "in-process":
+        pytest.skip(f"layout {layout}: the external server has its own")
+    return LAYOUTS[layout]
+
+
+def main_server(layout: str = "in-process") -> LiveServer:
     """The server most tests share: API key, CORS for one origin, room for 64 concurrent streams."""
+    flags = layout_flags(layout)
     if EXTERNAL_URL:
         return external_server()
     return start_server(
-        "--api-key", API_KEY, "--max-num-seqs", "16", "--max-queue", "256", "--cors-origins", "http://ui.example"
+        "--api-key",
+        API_KEY,
+        "--max-num-seqs",
+        "16",
+        "--max-queue",
+        "256",
+        "--cors-origins",
+        "http://ui.example",
+        *flags,
     )
 
 
@@ -167,9 +192,9 @@ def long_context_model_dir() -> Path:
     return tiny_model_dir("tiny-minimind-long", max_position_embeddings=LONG_CONTEXT)
 
 
-def tight_server() -> LiveServer:
+def tight_server(layout: str = "in-process") -> LiveServer:
     """One batch slot and one queue place, so a third concurrent request is refused (429)."""
-    return start_server("--max-num-seqs", "1", "--max-queue", "1")
+    return start_server("--max-num-seqs", "1", "--max-queue", "1", *layout_flags(layout))
 
 
 def metric(server: LiveServer, name: str) -> float:

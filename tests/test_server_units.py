@@ -254,7 +254,8 @@ def test_byte_sizes_take_units_and_name_the_problem():
 
 def test_start_up_warns_when_the_kv_cache_holds_fewer_sequences_than_max_num_seqs(caplog):
     """The tiny model's slot of 256 tokens takes 128 KiB: 512 KiB holds 4 of the 16 sequences asked for."""
-    from server.cli import build_backend, log_capacity
+    from server.cli import build_backend
+    from server.http_server import log_capacity
     from tests.test_server_support import tiny_model_dir
 
     settings = settings_mod.Settings(

@@ -37,6 +37,7 @@ from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.errors import EngineError, EngineShutdownError, PromptTooLongError
 from engine.sampling_params import SamplingParams
+from engine.warmup import warm_up
 
 GIL_SWITCH_INTERVAL_S = 0.0001  # see the module docstring
 EMBED_CHUNK_TOKENS = {"cpu": 128, "other": 1024}  # tokens of one embeddings forward pass between two steps
@@ -58,27 +59,7 @@ class NativeBackend:
         self.core = build_engine(config)
         self.tokenizer = self.core.tokenizer
         self.vision = vision_inputs(self.core.model, config.model)
-        param = next(self.core.model.parameters())
-        path = str(config.model) if isinstance(config.model, (str, Path)) else ""
-        extra: dict[str, Any] = {
-            "kv_cache_slots": self.core.cache.num_slots,  # the most sequences that run at once
-            "kv_cache_bytes": self.core.kv_cache_budget,
-            "kv_cache_bytes_per_seq": self.core.kv_bytes_per_seq,
-            "max_num_seqs": self.core.max_num_seqs,
-            "max_queue_seqs": config.max_queue,  # sequences (n per request) that may wait for a slot
-        }
-        if self.core.spec is not None:
-            extra["num_speculative_tokens"] = self.core.spec.k
-        self.info = ModelInfo(
-            name=served_model_name or (path.rstrip("/").split("/")[-1] if path else "minimind"),
-            path=path,
-            max_model_len=self.core.max_model_len,
-            vocab_size=self.core.model.config.vocab_size,
-            backend="native",
-            device=str(param.device),
-            dtype=str(param.dtype).replace("torch.", ""),
-            extra=extra,
-        )
+        self.info = model_info(self.core, config, served_model_name)
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -95,25 +76,14 @@ class NativeBackend:
     # ---- lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.core.runner.compiled is not None:
-            # Compile now, not in the first client's request (about a minute on a GPU): later batch sizes
-            # reuse this compilation.
-            await asyncio.to_thread(self._warm_up)
+        # Every decode shape and sampling path now, not in the first client's request (engine/warmup.py).
+        await asyncio.to_thread(warm_up, self.core)
         self._loop = asyncio.get_running_loop()
         self._saved_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._stop, self._accepting = False, True
         self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
         self._thread.start()
-
-    def _warm_up(self) -> None:
-        """Two short greedy requests through the compiled step (batch buckets start at 2 when compiled)."""
-        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        _, ids = self.core.encode("warm-up")
-        for i in range(2):
-            self.core.add_request(f"warm-up-{i}", ids, params)
-        while self.core.has_work():
-            self.core.step()
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop admitting, let running requests finish for up to drain_timeout seconds, then end the rest with
@@ -292,7 +262,36 @@ class NativeBackend:
         return vectors
 
     def stats(self) -> EngineStats:
-        return self.core.stats()
+        return engine_stats(self.core)
+
+
+def model_info(core: Any, config: EngineConfig, served_model_name: str | None) -> ModelInfo:
+    """What /v1/models and the logs say about a native engine (in this process or in the engine process)."""
+    param = next(core.model.parameters())
+    path = str(config.model) if isinstance(config.model, (str, Path)) else ""
+    extra: dict[str, Any] = {
+        "kv_cache_slots": core.cache.num_slots,  # the most sequences that run at once
+        "kv_cache_bytes": core.kv_cache_budget,
+        "kv_cache_bytes_per_seq": core.kv_bytes_per_seq,
+        "max_num_seqs": core.max_num_seqs,
+        "max_queue_seqs": config.max_queue,  # sequences (n per request) that may wait for a slot
+    }
+    if core.spec is not None:
+        extra["num_speculative_tokens"] = core.spec.k
+    return ModelInfo(
+        name=served_model_name or (path.rstrip("/").split("/")[-1] if path else "minimind"),
+        path=path,
+        max_model_len=core.max_model_len,
+        vocab_size=core.model.config.vocab_size,
+        backend="native",
+        device=str(param.device),
+        dtype=str(param.dtype).replace("torch.", ""),
+        extra=extra,
+    )
+
+
+def engine_stats(core: Any) -> EngineStats:
+    return core.stats()
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

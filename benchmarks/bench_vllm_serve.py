@@ -1,0 +1,277 @@
+"""`minimind serve` against `vllm serve`, measured by vLLM's own load client, on the same exported model.
+
+    python benchmarks/bench_vllm_serve.py --vllm "python3 /path/to/vllm_cli.py" --shapes minimind2-small minimind2 \
+        --concurrency 1 16 64 256 --minimind-args "--compile --api-server-count 4"
+
+For each shape: a MiniMind of that preset with random weights (seeded) and the minimind2 tokenizer is written and
+exported with `minimind convert --to llama`, so both servers load the very same plain Llama directory. Then, one
+server at a time on the same port: start it, wait for /health, run `vllm bench serve` (random dataset, 128 input
+and 128 output tokens, --ignore-eos) at every concurrency, stop it. `--vllm` is the command that runs vLLM's CLI
+(`vllm`, or `python3 vllm_cli.py` where vLLM is installed without console scripts); the script never looks for
+it anywhere else.
+
+Results: one JSON (every run, each level in bench_serve.py's shape, vLLM's raw result kept beside) and one PNG
+per shape (throughput, TTFT and TPOT against concurrency, one line per server), plus a table of the ratios.
+
+Without vLLM (a CPU machine, to check this script): `--client builtin --servers minimind` measures with
+benchmarks/bench_serve.py's client instead, e.g.
+    python benchmarks/bench_vllm_serve.py --client builtin --servers minimind --shapes minimind2-small \
+        --concurrency 1 4 --num-prompts 8 --input-len 32 --output-len 16 --minimind-args "--device cpu"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_serve  # noqa: E402
+from benchmarks.plots import plot_serve  # noqa: E402
+from benchmarks.provenance import machine_name, provenance  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+TOKENIZER = ROOT / "tests" / "fixtures" / "upstream-minimind" / "minimind2-dense"
+SERVED_NAME = "m"
+
+
+def export_model(shape: str, folder: Path) -> Path:
+    """A seeded random MiniMind of `shape`, saved with the minimind2 tokenizer and exported as a Llama directory."""
+    llama = folder / f"{shape}-llama"
+    if llama.is_dir():
+        return llama
+    import torch
+    from transformers import AutoTokenizer
+
+    from models.config import MiniMindConfig
+    from models.model import MiniMindForCausalLM
+    from models.presets import PRESETS
+
+    torch.manual_seed(0)
+    source = folder / f"{shape}-minimind"
+    model = MiniMindForCausalLM(MiniMindConfig(**{**PRESETS[shape], "max_position_embeddings": 4096}))
+    model.save_pretrained(source)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(source)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{shape}: {params:.1f}M parameters, exporting to {llama}", flush=True)
+    run([sys.executable, "-m", "minimind", "convert", "--to", "llama", str(source), str(llama)])
+    return llama
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)
+
+
+def server_command(server: str, model: Path, args: argparse.Namespace) -> list[str]:
+    common = ["--port", str(args.port), "--served-model-name", SERVED_NAME]
+    if server == "minimind":
+        cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--host", "127.0.0.1", *common]
+        return (
+            cmd + ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"] + shlex.split(args.minimind_args)
+        )
+    cmd = [*shlex.split(args.vllm), "serve", str(model), *common, "--max-num-seqs", str(args.max_num_seqs)]
+    return cmd + shlex.split(args.vllm_args)
+
+
+class Server:
+    """A server subprocess in its own session (so that stopping it stops its children too), logged to a file."""
+
+    def __init__(self, cmd: list[str], log: Path, url: str) -> None:
+        self.url, self.log = url, log
+        print("starting:", shlex.join(cmd), flush=True)
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout:g}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def vllm_level(args: argparse.Namespace, model: Path, concurrency: int, folder: Path, name: str) -> dict:
+    """One `vllm bench serve` run; its result JSON mapped onto bench_serve.py's level shape (raw kept)."""
+    num_prompts = args.num_prompts or max(4 * concurrency, 32)
+    result_file = f"{name}-c{concurrency}.json"
+    cmd = [*shlex.split(args.vllm), "bench", "serve", "--backend", "openai", "--base-url", server_url(args)]
+    cmd += ["--model", SERVED_NAME, "--tokenizer", str(model), "--dataset-name", "random"]
+    cmd += ["--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos"]
+    cmd += ["--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", "0"]
+    cmd += ["--percentile-metrics", "ttft,tpot,itl,e2el"]
+    cmd += ["--save-result", "--result-dir", str(folder), "--result-filename", result_file]
+    run(cmd)
+    raw = json.loads((folder / result_file).read_text())
+
+    def stats(metric: str) -> dict[str, float]:
+        return {f"{k}_ms": float(raw.get(f"{k}_{metric}_ms", 0.0)) for k in ("mean", "median", "p99", "std")}
+
+    return {
+        "concurrency": concurrency,
+        "num_prompts": num_prompts,
+        "completed": raw.get("completed"),
+        "failed": num_prompts - int(raw.get("completed", 0)),
+        "duration_s": raw.get("duration"),
+        "total_input_tokens": raw.get("total_input_tokens"),
+        "total_output_tokens": raw.get("total_output_tokens"),
+        "request_throughput_rps": raw.get("request_throughput"),
+        "output_throughput_tok_s": raw.get("output_throughput"),
+        "ttft": stats("ttft"),
+        "tpot": stats("tpot"),
+        "itl": stats("itl"),
+        "e2el": stats("e2el"),
+        "vllm_bench_serve": raw,
+    }
+
+
+def builtin_level(args: argparse.Namespace, concurrency: int) -> dict:
+    """The same level through benchmarks/bench_serve.py's client (where vLLM is not installed)."""
+    options = bench_serve.parse_args(["--base-url", server_url(args)])
+    options.input_len, options.output_len = args.input_len, args.output_len
+    options.num_prompts = args.num_prompts or max(4 * concurrency, 32)
+    return asyncio.run(bench_serve.run_level(options, SERVED_NAME, concurrency))
+
+
+def server_url(args: argparse.Namespace) -> str:
+    return f"http://127.0.0.1:{args.port}"
+
+
+def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace, folder: Path) -> dict:
+    log = folder / f"{shape}-{server}.log"
+    process = Server(server_command(server, model, args), log, server_url(args))
+    try:
+        startup = process.wait_healthy(args.start_timeout)
+        print(f"{server} ({shape}) healthy after {startup:.1f}s", flush=True)
+        levels = []
+        for concurrency in args.concurrency:
+            if args.client == "vllm":
+                level = vllm_level(args, model, concurrency, folder, f"{shape}-{server}")
+            else:
+                level = builtin_level(args, concurrency)
+            levels.append(level)
+            print(
+                f"{server:>8} {shape:>16} c={concurrency:<4} output {level['output_throughput_tok_s']:.1f} tok/s, "
+                f"TTFT median {level['ttft']['median_ms']:.1f} ms p99 {level['ttft']['p99_ms']:.1f} ms, "
+                f"TPOT median {level['tpot']['median_ms']:.2f} ms",
+                flush=True,
+            )
+    finally:
+        process.stop()
+    return {
+        "backend": server,
+        "model": shape,
+        "command": shlex.join(server_command(server, model, args)),
+        "startup_s": startup,
+        "levels": levels,
+    }
+
+
+def ratio_table(runs: list[dict]) -> list[str]:
+    """minimind / vllm output throughput per shape and concurrency."""
+    lines = []
+    by_key = {(r["model"], r["backend"]): r for r in runs}
+    for shape in dict.fromkeys(r["model"] for r in runs):
+        ours, theirs = by_key.get((shape, "minimind")), by_key.get((shape, "vllm"))
+        if ours is None or theirs is None:
+            continue
+        for mine, other in zip(ours["levels"], theirs["levels"]):
+            a, b = mine["output_throughput_tok_s"], other["output_throughput_tok_s"]
+            lines.append(
+                f"{shape:>16} c={mine['concurrency']:<4} minimind {a:>10.1f} tok/s  vllm {b:>10.1f} tok/s  "
+                f"ratio {a / b if b else float('nan'):.2f}x"
+            )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm", default="vllm", help="command that runs vLLM's CLI, e.g. 'python3 vllm_cli.py'")
+    parser.add_argument("--servers", nargs="+", default=["minimind", "vllm"], choices=["minimind", "vllm"])
+    parser.add_argument("--shapes", nargs="+", default=["minimind2-small", "minimind2"], help="models/presets.py names")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--num-prompts", type=int, help="requests per level (default: 4 x concurrency, at least 32)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (random dataset)")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (--ignore-eos)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="both servers' batch size limit")
+    parser.add_argument("--minimind-args", default="", help="extra `minimind serve` flags, e.g. '--compile'")
+    parser.add_argument(
+        "--vllm-args",
+        default="--dtype bfloat16 --gpu-memory-utilization 0.35",
+        help="extra `vllm serve` flags (bf16 as `minimind serve` on a GPU; a share of the one GPU)",
+    )
+    parser.add_argument("--client", choices=["vllm", "builtin"], default="vllm", help="load client (see above)")
+    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to be healthy")
+    parser.add_argument("--workdir", type=Path, help="exported models and raw results (default: a temp folder)")
+    parser.add_argument("--machine", help="machine description to record (default: detected GPU/CPU)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/vllm-bench-serve-<date>.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    folder = args.workdir or Path(tempfile.mkdtemp(prefix="minimind-vllm-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for shape in args.shapes:
+        model = export_model(shape, folder)
+        for server in args.servers:
+            runs.append(bench_server(server, shape, model, args, folder))
+    report = {
+        "benchmark": "vllm-bench-serve",
+        **provenance(__file__),
+        "machine": args.machine or machine_name(),
+        "client": "vllm bench serve" if args.client == "vllm" else "benchmarks/bench_serve.py",
+        "dataset": {"name": "random", "input_len": args.input_len, "output_len": args.output_len, "ignore_eos": True},
+        "runs": runs,
+    }
+    out = args.out or RESULTS / f"vllm-bench-serve-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved {out}")
+    for shape in args.shapes:
+        records = [(str(out), {**run, "machine": report["machine"], "date": report.get("date")}) for run in runs]
+        records = [r for r in records if r[1]["model"] == shape]
+        try:
+            png = out.with_name(f"{out.stem}-{shape}.png")
+            plot_serve(records, png)
+            print(f"drew {png}")
+        except ImportError:
+            print("no PNG: matplotlib is not installed (pip install 'my-minimind[bench]')")
+    for line in ratio_table(runs):
+        print(line)
+    failed = sum(level["failed"] or 0 for run in runs for level in run["levels"])
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

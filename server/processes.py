@@ -1,0 +1,90 @@
+"""`--api-server-count N`: N API processes answer HTTP on one port, all fed by the one engine process.
+
+The launching process has bound the port (server/listen.py); each API process gets a duplicate of that listening
+socket and runs uvicorn on it, so the kernel hands each new connection to whichever process accepts first (one
+accept queue, as vLLM and gunicorn share theirs). Every API process talks to the engine over its own ZMQ socket
+(engine/backends/remote.py) and holds the engine's death pipe.
+
+Signals: the API processes leave the terminal's process group, so Ctrl-C reaches only the launcher; the launcher
+forwards SIGTERM/SIGINT to each API process (which then drains, server/drain.py; a second signal stops them at
+once) and stops the engine once they have all exited. Metrics of all API processes are summed through
+prometheus_client's multiprocess mode (server/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from server.settings import Settings
+
+log = logging.getLogger("minimind.server")
+
+
+def run_api_processes(settings: Settings, sock: socket.socket, engine: Any) -> None:
+    """Start settings.api_server_count API processes and wait for all of them to exit."""
+    metrics = tempfile.TemporaryDirectory(prefix="minimind-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics.name  # inherited by the API processes before they import it
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=api_process,
+            args=(settings, sock, engine.address, engine.death, index),
+            name=f"minimind-api-{index}",
+        )
+        for index in range(settings.api_server_count)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(sig: int, frame: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(process.is_alive() for process in processes):
+            for process in processes:
+                process.join(0.2)
+        failed = [p for p in processes if p.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+        for process in failed:
+            log.error("API process %s exited with code %s", process.name, process.exitcode)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        metrics.cleanup()
+
+
+def api_process(settings: Settings, sock: socket.socket, address: str, death: Connection, index: int) -> None:
+    """One API process: the app around a RemoteBackend, served on the shared socket."""
+    os.setpgrp()  # Ctrl-C goes to the launcher, which forwards it once (see the module docstring)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    watch_parent()
+    from engine.backends.remote import RemoteBackend
+    from server.http_server import run_api_server
+
+    run_api_server(RemoteBackend(address, death), settings, sock, announce=index == 0)
+
+
+def watch_parent() -> None:
+    """Exit if the launcher dies without stopping us (killed): an orphan would keep answering on the port."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="minimind-parent-watch", daemon=True).start()

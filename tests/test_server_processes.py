@@ -1,0 +1,112 @@
+"""Process layouts of `minimind serve` beyond the shared client suite (which runs against every layout, see
+tests/test_server_support.py LAYOUTS): --stream-interval, images and grammars across the engine channel, and the
+engine process's death turning /health to 503."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.test_server_support import MODEL_NAME, main_server, needs_own_server, start_server
+from tests.test_server_vision import data_url, first_token_logprobs, image_part, png, tiny_vlm_dir
+
+MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+
+
+def stream_events(server, **body) -> list[dict]:
+    payload = {"model": MODEL_NAME, "messages": MESSAGES, "stream": True, **body}
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=payload, headers=headers, timeout=120) as r:
+        assert r.status_code == 200
+        lines = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_stream_interval_sends_fewer_events_with_the_same_text():
+    needs_own_server("a server with --stream-interval")
+    every_token = main_server()
+    coalesced = start_server("--api-key", every_token.api_key, "--engine-process", "--stream-interval", "4")
+    body = {"max_tokens": 21, "temperature": 0, "ignore_eos": True, "logprobs": True}
+    body["stream_options"] = {"include_usage": True}
+    plain, grouped = stream_events(every_token, **body), stream_events(coalesced, **body)
+
+    def text(events):
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c["choices"])
+
+    def tokens_per_event(events):
+        return [
+            len(c["choices"][0]["logprobs"]["content"]) for c in events if c["choices"] and c["choices"][0]["logprobs"]
+        ]
+
+    assert text(grouped) == text(plain) and text(plain)
+    assert grouped[-1]["usage"]["completion_tokens"] == plain[-1]["usage"]["completion_tokens"] == 21
+    # the first token at once (time to first token), then at least 4 per event; the last event takes the rest
+    sizes = tokens_per_event(grouped)
+    assert sum(sizes) == 21 and sizes[0] == 1 and all(size >= 4 for size in sizes[1:-1]), sizes
+
+
+def test_images_cross_to_the_engine_process_unchanged():
+    """The same image request gives the same logprobs with the engine in-process and in its own process."""
+    needs_own_server("a vision model")
+    model = tiny_vlm_dir()
+    local, remote = start_server(model=model), start_server("--engine-process", model=model)
+    question = {"type": "text", "text": "What colour is this?"}
+    for colour in ((255, 0, 0), (0, 0, 255)):
+        content = [image_part(data_url(png(colour))), question]
+        assert first_token_logprobs(remote, content) == pytest.approx(first_token_logprobs(local, content), abs=1e-4)
+
+
+def test_json_schema_requests_through_four_api_processes():
+    server = main_server("api-4")
+    client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=120)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"enum": ["ada", "bob"]}, "ok": {"type": "boolean"}},
+        "required": ["name", "ok"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}}
+    for _ in range(4):  # lands on several API processes
+        out = client.chat.completions.create(
+            model=server.model, messages=MESSAGES, max_tokens=60, temperature=0, response_format=fmt
+        )
+        value = json.loads(out.choices[0].message.content)
+        assert value["name"] in ("ada", "bob") and isinstance(value["ok"], bool)
+
+
+def engine_pid(server_pid: int) -> int:
+    """The engine process: the launcher's one child started by multiprocessing's spawn (not its resource tracker)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and "spawn_main" in cmdline:
+            return int(entry.name)
+    raise AssertionError("no engine process found")
+
+
+def test_a_dead_engine_process_turns_health_to_503_and_requests_to_503():
+    needs_own_server("an engine process to kill")
+    server = start_server("--engine-process", fresh=True)
+    os.kill(engine_pid(server.proc.pid), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/health", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "/health stayed 200 after the engine process died"
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health", timeout=5).json()["status"] == "engine dead"
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+    response = httpx.post(server.base_url + "/completions", json=body, timeout=30)
+    assert response.status_code == 503 and "engine process exited" in response.json()["error"]["message"]
+    server.stop()
