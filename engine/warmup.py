@@ -6,11 +6,12 @@ path's kernels (top-p/top-k sorting, penalties, logprobs, seeded sampling, the s
 tokenizer table); a prefill of a new length. A server that skipped this answered its first request on an H200
 in 1.37 s instead of a few milliseconds.
 
-Two parts:
+Three parts:
 - every decode shape the runner buckets, driven straight through `runner.step` with dummy tokens on free slots
   (nothing is running yet, so the cache rows they write are free rows);
 - every sampling path, as a few short real requests through `add_request`/`step` (they also warm prefill and
-  the output path), so the warm-up follows whatever the scheduler does with requests.
+  the output path), so the warm-up follows whatever the scheduler does with requests;
+- a ladder of prompt lengths, one greedy token each (prefill is not captured, but a new size is a first time too).
 On the CPU nothing is bucketed (no graphs), so only the second part runs: a few hundred milliseconds.
 """
 
@@ -46,8 +47,11 @@ def warm_up(core: Any) -> float:
     started = time.perf_counter()
     shapes = warm_decode_shapes(core)
     paths = warm_sampling_paths(core)
+    lengths = warm_prefill_lengths(core)
     seconds = time.perf_counter() - started
-    log.info("warm-up: %d decode shapes and %d sampling paths in %.1fs", shapes, paths, seconds)
+    log.info(
+        "warm-up: %d decode shapes, %d sampling paths and %d prompt lengths in %.1fs", shapes, paths, lengths, seconds
+    )
     return seconds
 
 
@@ -79,7 +83,11 @@ def warm_sampling_paths(core: Any) -> int:
     _, prompt = core.encode("warm-up")
     ran = 0
     for i, fields in enumerate(SAMPLING_PATHS):
-        params = SamplingParams(max_tokens=3, ignore_eos=True, **fields)
+        try:
+            params = SamplingParams(max_tokens=3, ignore_eos=True, **fields)
+        except ImportError as err:  # an optional path's library is missing (llguidance): clients get the same error
+            log.warning("warm-up skips %s: %s", sorted(fields), err)
+            continue
         for attempt in range(2):
             try:
                 core.add_request(f"warm-up-{i}", list(prompt), params)
@@ -91,6 +99,26 @@ def warm_sampling_paths(core: Any) -> int:
             except EngineError:
                 break
     run_until_idle(core)
+    return ran
+
+
+def warm_prefill_lengths(core: Any) -> int:
+    """One greedy one-token request per prompt length of a ladder (up to 4,096 tokens on a GPU, 64 on the CPU):
+    prefill is not captured, but the first prompt of a new size still pays for the kernels and GEMM plans it is the
+    first to use. Returns how many lengths ran."""
+    gpu = core.runner.device.type == "cuda"
+    vocab = core.model.config.vocab_size
+    ran = 0
+    for length in (16, 64, 256, 1024, 4096) if gpu else (16, 64):
+        if length + 1 >= core.config.max_model_len:
+            break
+        prompt = [(7 * i + 3) % vocab for i in range(length)]
+        try:
+            core.add_request(f"warm-up-prefill-{length}", prompt, SamplingParams(max_tokens=1, temperature=0))
+        except EngineError:
+            break
+        run_until_idle(core)
+        ran += 1
     return ran
 
 

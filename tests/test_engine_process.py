@@ -75,7 +75,8 @@ def test_warm_up_runs_every_sampling_path_and_leaves_the_engine_empty():
     core.step = counting_step
     warm_up(core)
     finished = {rid for rid in seen}
-    assert finished == {f"warm-up-{i}" for i in range(len(SAMPLING_PATHS))}
+    prefills = {"warm-up-prefill-16"}  # 64 tokens do not fit a 64-token context with their answer
+    assert finished == {f"warm-up-{i}" for i in range(len(SAMPLING_PATHS))} | prefills
     assert not core.has_work() and core.cache.num_free == core.cache.num_slots
 
 

@@ -48,9 +48,10 @@ def test_stream_interval_sends_fewer_events_with_the_same_text():
 
     assert text(grouped) == text(plain) and text(plain)
     assert grouped[-1]["usage"]["completion_tokens"] == plain[-1]["usage"]["completion_tokens"] == 21
-    # the first token at once (time to first token), then at least 4 per event; the last event takes the rest
+    # the first token is not held for the interval (time to first token; a busy machine may have a second one ready
+    # by the time it is sent), then at least 4 per event; the last event takes the rest
     sizes = tokens_per_event(grouped)
-    assert sum(sizes) == 21 and sizes[0] == 1 and all(size >= 4 for size in sizes[1:-1]), sizes
+    assert sum(sizes) == 21 and sizes[0] < 4 and all(size >= 4 for size in sizes[1:-1]), sizes
 
 
 def test_images_cross_to_the_engine_process_unchanged():

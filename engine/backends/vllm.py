@@ -55,6 +55,7 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         prompt_logprobs=params.prompt_logprobs,
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
+        detokenize=params.detokenize,
         # passed on as vLLM's StructuredOutputsParams (same field names); vLLM's own grammar backend enforces it
         structured_outputs=None if params.structured_outputs is None else asdict(params.structured_outputs),
     )
