@@ -6,6 +6,7 @@ disconnect) or calling `abort()` must free the request's cache at once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -60,6 +61,34 @@ def merge_deltas(first: CompletionDelta, later: CompletionDelta) -> CompletionDe
         num_generated_tokens=later.num_generated_tokens,
         prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs,
     )
+
+
+class DeltaStream:
+    """One request's deltas as a backend receives them (put into `queue` from the engine's side), read the way a
+    client should get them: deltas that piled up while the reader was busy go out merged, an exception put into
+    the queue is raised, and the iteration ends when all `n` completions have finished. `live` counts those that
+    have not, so that a backend whose reader left early knows to abort the request."""
+
+    def __init__(self, n: int) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.live = n
+
+    async def __aiter__(self) -> AsyncIterator[CompletionDelta]:
+        pending: CompletionDelta | BaseException | None = None
+        while self.live:
+            item = pending if pending is not None else await self.queue.get()
+            pending = None
+            if isinstance(item, BaseException):
+                raise item
+            while not item.finished and not self.queue.empty():
+                later = self.queue.get_nowait()
+                if isinstance(later, BaseException) or later.index != item.index:
+                    pending = later
+                    break
+                item = merge_deltas(item, later)
+            if item.finished:
+                self.live -= 1
+            yield item
 
 
 @dataclass

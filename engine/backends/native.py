@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
 
-from engine.backend import CompletionDelta, EngineStats, ModelInfo, merge_deltas, vision_inputs
+from engine.backend import CompletionDelta, DeltaStream, EngineStats, ModelInfo, vision_inputs
 from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.errors import EngineError, EngineShutdownError, PromptTooLongError
@@ -177,10 +177,14 @@ class NativeBackend:
         return True
 
     def _fail_all(self, err: BaseException) -> None:
+        failure = err
+        if not isinstance(err, EngineShutdownError):
+            failure = EngineError(f"the engine failed while running this request: {err}")
+            failure.__cause__ = err
         for request_id, stream in list(self._queues.items()):
             self.core.abort(request_id)
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(stream.put_nowait, err)
+                self._loop.call_soon_threadsafe(stream.put_nowait, failure)
         if isinstance(err, EngineShutdownError):
             while self._embeds:
                 _, future = self._embeds.popleft()
@@ -198,8 +202,8 @@ class NativeBackend:
         if request_id in self._queues:
             raise EngineError(f"request id {request_id!r} is already running; use a unique id")
         text, ids = self.core.encode(prompt)
-        stream: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = stream
+        stream = DeltaStream(params.n)
+        self._queues[request_id] = stream.queue
         try:
             await self._submit(self.core.add_request, request_id, ids, params, text, images, wait=True)
         except BaseException as err:
@@ -207,29 +211,12 @@ class NativeBackend:
             if isinstance(err, asyncio.CancelledError):  # the client left while the request was being queued
                 self._submit(self.core.abort, request_id, wait=False)
             raise
-        live = params.n
-        pending: CompletionDelta | BaseException | None = None
         try:
-            while live:
-                item = pending if pending is not None else await stream.get()
-                pending = None
-                if isinstance(item, EngineShutdownError):
-                    raise item
-                if isinstance(item, BaseException):
-                    raise EngineError(f"the engine failed while running this request: {item}") from item
-                # Deltas that piled up while this stream was not read go out as one.
-                while not item.finished and not stream.empty():
-                    later = stream.get_nowait()
-                    if isinstance(later, BaseException) or later.index != item.index:
-                        pending = later
-                        break
-                    item = merge_deltas(item, later)
-                if item.finished:
-                    live -= 1
+            async for item in stream:
                 yield item
         finally:
             self._queues.pop(request_id, None)
-            if live:
+            if stream.live:
                 self._submit(self.core.abort, request_id, wait=False)  # client left early: free the cache now
 
     async def abort(self, request_id: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from engine.backend import CompletionDelta, EngineStats, merge_deltas
+from engine.backend import CompletionDelta, DeltaStream, EngineStats
 from engine.backends import wire
 from engine.errors import EngineError, EngineShutdownError, PromptTooLongError
 from engine.sampling_params import SamplingParams
@@ -181,9 +181,9 @@ class RemoteBackend:
         if key in self._queues:
             raise EngineError(f"request id {request_id!r} is already running; use a unique id")
         text, ids = (prompt, self.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else (None, prompt)
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = DeltaStream(params.n)
         ack = asyncio.get_running_loop().create_future()
-        self._queues[key], self._acks[key] = stream, ack
+        self._queues[key], self._acks[key] = stream.queue, ack
         tensor = wire.Tensor.of(images) if images is not None else None
         self._send(wire.AddRequest(key, list(ids), params, text, tensor))
         try:
@@ -194,28 +194,13 @@ class RemoteBackend:
             if isinstance(err, asyncio.CancelledError) and self.dead is None:  # left while being queued
                 self._send(wire.Abort([key]))
             raise
-        live = params.n
-        pending: CompletionDelta | BaseException | None = None
         try:
-            while live:
-                item = pending if pending is not None else await stream.get()
-                pending = None
-                if isinstance(item, BaseException):
-                    raise item
-                # Deltas that piled up while this stream was not read go out as one.
-                while not item.finished and not stream.empty():
-                    later = stream.get_nowait()
-                    if isinstance(later, BaseException) or later.index != item.index:
-                        pending = later
-                        break
-                    item = merge_deltas(item, later)
-                if item.finished:
-                    live -= 1
+            async for item in stream:
                 item.request_id = request_id
                 yield item
         finally:
             self._queues.pop(key, None)
-            if live and self.dead is None and self._socket is not None:
+            if stream.live and self.dead is None and self._socket is not None:
                 self._send(wire.Abort([key]))  # the client left early: free the cache before the next step
 
     async def abort(self, request_id: str) -> None:
