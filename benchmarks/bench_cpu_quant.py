@@ -50,6 +50,8 @@ PROMPTS = [
     "My favourite recipe for a rainy day is",
 ]
 ENGINE_CONFIGS = [("engine fp32", "fp32", "none"), ("engine int8", "fp32", "int8"), ("engine int4", "fp32", "int4")]
+# --compile adds these: the decode step through torch.compile (inductor's CPU code), as `--compile` serves
+COMPILED_CONFIGS = [("engine int8 compiled", "fp32", "int8"), ("engine int4 compiled", "fp32", "int4")]
 REFERENCE = "engine bf16"
 
 
@@ -63,6 +65,7 @@ def main() -> int:
     parser.add_argument("--skip-ppl", action="store_true", help="measure speed and agreement only")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF transformers")
     parser.add_argument("--out", type=Path, help="JSON to write (default: benchmarks/results/cpu-quant-<date>.json)")
+    parser.add_argument("--compile", action="store_true", help="also run int8 and int4 with compiled decode steps")
     parser.add_argument("--note", default="", help="free text stored in the record (e.g. the machine's load)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,7 +81,7 @@ def main() -> int:
         "configs": {},
     }
     configs = record["configs"]
-    runners = engine_runners(model_dir, args.new_tokens)
+    runners = engine_runners(model_dir, args.new_tokens, args.compile)
     tokenizer = runners[REFERENCE].llm.engine.tokenizer
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     if not args.skip_hf:
@@ -140,12 +143,20 @@ def interleaved_generation(runners: dict, prompt_ids: list[list[int]]) -> tuple[
 
 
 class EngineRunner:
-    def __init__(self, model_dir: Path, new_tokens: int, dtype: str, quantization: str):
-        self.dtype, self.quantization, self.new_tokens = dtype, quantization, new_tokens
-        self.llm = LLM(str(model_dir), device="cpu", dtype=dtype, quantization=quantization, max_num_seqs=1)
+    def __init__(self, model_dir: Path, new_tokens: int, dtype: str, quantization: str, compiled: bool = False):
+        self.dtype, self.quantization, self.new_tokens, self.compiled = dtype, quantization, new_tokens, compiled
+        # a compiled step needs two cache slots (its batch sizes start at 2, see engine/model_runner.py)
+        self.llm = LLM(
+            str(model_dir),
+            device="cpu",
+            dtype=dtype,
+            quantization=quantization,
+            max_num_seqs=2 if compiled else 1,
+            compile_model=compiled,
+        )
 
     def describe(self) -> dict:
-        return {"dtype": self.dtype, "quantization": self.quantization}
+        return {"dtype": self.dtype, "quantization": self.quantization, "compiled": self.compiled}
 
     def generate(self, ids: list[int], count: int | None = None) -> list[int]:
         params = SamplingParams(temperature=0, max_tokens=count or self.new_tokens, ignore_eos=True)
@@ -155,9 +166,13 @@ class EngineRunner:
         return self.llm.engine.model(ids).logits
 
 
-def engine_runners(model_dir: Path, new_tokens: int) -> dict:
+def engine_runners(model_dir: Path, new_tokens: int, compiled: bool = False) -> dict:
     configs = [(REFERENCE, "bf16", "none")] + ENGINE_CONFIGS
-    return {name: EngineRunner(model_dir, new_tokens, dtype, q) for name, dtype, q in configs}
+    runners = {name: EngineRunner(model_dir, new_tokens, dtype, q) for name, dtype, q in configs}
+    if compiled:
+        for name, dtype, q in COMPILED_CONFIGS:
+            runners[name] = EngineRunner(model_dir, new_tokens, dtype, q, compiled=True)
+    return runners
 
 
 class HfRunner:
