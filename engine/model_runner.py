@@ -78,13 +78,7 @@ class ModelRunner:
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not model.config.use_moe
         self.compiled = None
         if compile_model and cache.num_slots >= 2 and (self.use_graphs or self.device.type == "cpu"):
-            options = {}
-            if self.device.type == "cpu" and cpu_layouts is None:
-                # On the CPU every step goes through dynamo's guards (no graph replays them away), and checking the
-                # guards on every weight took 0.66 of 9.1 ms per token (SmolLM2-135M, int4, 2 cores). Weights are
-                # frozen into the compiled code and this engine never swaps them (CPU weight layouts do: not then).
-                options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            self.compiled = torch.compile(self._graph_forward, fullgraph=True, dynamic=False, options=options or None)
+            self.compiled = torch.compile(self._graph_forward, fullgraph=True, dynamic=False)
         self.batch_buckets = _buckets(cache.num_slots, 2 if self.compiled is not None else 1)
         self.len_buckets = [64 * 2**i for i in range(32) if 64 * 2**i < cache.max_len] + [cache.max_len]
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
