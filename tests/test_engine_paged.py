@@ -259,6 +259,20 @@ def test_compiled_bucketed_steps_leave_a_prompt_between_chunks_intact(model, tok
     assert outputs[0] == outputs[1] and len(outputs[0]["l"]) == 40
 
 
+@pytest.mark.slow
+def test_two_compiled_engines_in_one_process_each_run_their_own_weights(tokenizer):
+    """On the CPU the compiled step keeps only the weights' identity among its guards on the model
+    (engine/model_runner.py weight_identity_guards); that identity is what keeps a second engine in the process off
+    the first one's compiled code, whose weights are frozen in. Each compiled engine gives its own eager tokens."""
+    runs = {}
+    for compiled in (False, True):
+        for seed in (1, 2):
+            llm = make_llm(tiny_model(seed=seed, **WIDE), tokenizer, max_num_seqs=2, compile_model=compiled)
+            runs[compiled, seed] = token_ids(llm.generate(prompts((4, 3)), greedy(12)))
+    assert runs[False, 1] != runs[False, 2]
+    assert runs[True, 1] == runs[False, 1] and runs[True, 2] == runs[False, 2]
+
+
 def test_kv_cache_flags_reach_the_engine_config(capsys):
     import argparse
 
