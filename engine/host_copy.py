@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def to_device(values: list, device: torch.device | str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """`values` as a tensor on `device`, queued behind the stream's work instead of waiting for it (CUDA)."""
-    host = torch.tensor(values, dtype=dtype)
+def to_device(
+    values: list | torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """`values` (a list, or a host tensor kept as it is) as a tensor on `device`, queued behind the stream's work
+    instead of waiting for it (CUDA)."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

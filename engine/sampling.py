@@ -56,6 +56,7 @@ class SamplingTensors:
     min_tokens: torch.Tensor  # int64
     stop_ids: torch.Tensor  # int64 [B, S]: EOS + stop_token_ids masked under min_tokens, padded with vocab_size
     seeds: torch.Tensor  # int64 in [0, 2**32): each row's seed folded to a 32-bit key (`seed_key`)
+    host_seeds: torch.Tensor | None = None  # the same keys on the host (`Sampler` draws the step's uniforms there)
     # Python flags: skip work no row needs. Never read from tensors, so they cost no host sync.
     do_penalties: bool = True
     do_top_k: bool = True
@@ -63,8 +64,10 @@ class SamplingTensors:
     do_min_p: bool = True
     do_min_tokens: bool = True
     all_greedy: bool = False
+    any_greedy: bool = True  # False: no row needs the argmax (nor the greedy/sampled choice per row)
     num_logprobs: int | None = None  # top-N logprobs to return (max over rows); None: no logprobs at all
     processed_logprobs: torch.Tensor | None = None  # bool [B]: rows whose logprobs are the sampled distribution's
+    all_processed_logprobs: bool = False  # every row's are: the raw distribution's are never needed
 
     @property
     def batch_size(self) -> int:
@@ -99,6 +102,8 @@ class SamplingTensors:
         width = max([len(s) for s in stop_lists] + [1])
         stop_ids = [s + [vocab_size] * (width - len(s)) for s in stop_lists]
         num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        host_seeds = torch.tensor([seed_key(row_seed(p.seed, i)) for p, i in zip(params, indices)], dtype=torch.int64)
+        processed = [p.logprobs_mode == "processed" for p in params]
         return cls(
             temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32),
             greedy=col([p.temperature == 0 for p in params], torch.bool),
@@ -110,7 +115,8 @@ class SamplingTensors:
             frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
             min_tokens=col([p.min_tokens for p in params], torch.int64),
             stop_ids=col(stop_ids, torch.int64),
-            seeds=col([seed_key(row_seed(p.seed, i)) for p, i in zip(params, indices)], torch.int64),
+            seeds=to_device(host_seeds, device),
+            host_seeds=host_seeds,
             do_penalties=all_features
             or any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
             do_top_k=all_features or any(0 < p.top_k < vocab_size for p in params),
@@ -118,10 +124,10 @@ class SamplingTensors:
             do_min_p=all_features or any(p.min_p > 0 for p in params),
             do_min_tokens=all_features or any(p.min_tokens > 0 for p in params),
             all_greedy=not all_features and all(p.temperature == 0 for p in params),
+            any_greedy=all_features or any(p.temperature == 0 for p in params),
             num_logprobs=num_logprobs,
-            processed_logprobs=col([p.logprobs_mode == "processed" for p in params], torch.bool)
-            if any(p.logprobs_mode == "processed" for p in params)
-            else None,
+            processed_logprobs=col(processed, torch.bool) if any(processed) else None,
+            all_processed_logprobs=not all_features and all(processed),
         )
 
 
@@ -294,9 +300,10 @@ def probs_for_sampling(
 def sample(
     logits: torch.Tensor,
     t: SamplingTensors,
-    output_lens: torch.Tensor,
+    output_lens: torch.Tensor | None,
     prompt_mask: torch.Tensor | None = None,
     output_counts: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> SamplerOutput:
     """Pick the next token of every row.
 
@@ -304,23 +311,30 @@ def sample(
     (the step counter for the noise and for min_tokens). prompt_mask: [B, V] bool, tokens in the prompt
     (repetition penalty). output_counts: [B, V] int, histogram of the tokens generated so far (see
     `token_counts` / `record_tokens`). The penalty inputs may be None when `t.do_penalties` is False.
+    uniforms: [B] float32, `row_uniform(t.seeds, output_lens)` computed already (the `Sampler` does it on the host:
+    one upload instead of ~20 tiny kernels); output_lens may then be None unless `t.do_min_tokens`.
     """
     processed = None
     if t.all_greedy and not t.do_penalties and not t.do_min_tokens:
         token_ids = logits.argmax(dim=-1)  # nothing can change the argmax: skip the [B, V] passes
     else:
         penalised, processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)
-        token_ids = penalised.argmax(dim=-1)
+        if t.any_greedy:
+            token_ids = penalised.argmax(dim=-1)
         if not t.all_greedy:
-            sampled = sample_from_probs(processed.softmax(dim=-1), row_uniform(t.seeds, output_lens))
-            token_ids = torch.where(t.greedy, token_ids, sampled)
+            u = row_uniform(t.seeds, output_lens) if uniforms is None else uniforms
+            sampled = sample_from_probs(processed.softmax(dim=-1), u)
+            token_ids = torch.where(t.greedy, token_ids, sampled) if t.any_greedy else sampled
     out = SamplerOutput(token_ids=token_ids)
     if t.num_logprobs is not None:
-        raw = logits.float().log_softmax(dim=-1)
         if t.processed_logprobs is not None:
             if processed is None:
                 processed = process_logits(logits, t, output_lens, prompt_mask, output_counts)[1]
-            raw = torch.where(t.processed_logprobs.unsqueeze(1), processed.log_softmax(dim=-1), raw)
+            raw = processed.log_softmax(dim=-1)
+            if not t.all_processed_logprobs:
+                raw = torch.where(t.processed_logprobs.unsqueeze(1), raw, logits.float().log_softmax(dim=-1))
+        else:
+            raw = logits.float().log_softmax(dim=-1)
         out.logprobs = raw.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         if t.num_logprobs > 0:
             out.top_logprobs, out.top_token_ids = raw.topk(t.num_logprobs, dim=-1)

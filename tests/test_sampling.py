@@ -274,3 +274,33 @@ def test_sample_runs_inside_a_cuda_graph_with_the_eager_result():
         expected = sample(logits, t, lens, prompt_mask, counts).token_ids
         assert torch.equal(static_out, expected)
         record_tokens(counts, expected)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [SamplingParams(seed=3, logprobs=0, logprobs_mode="processed")] * 3,  # a rollout batch: all processed
+        [SamplingParams(seed=3), SamplingParams(temperature=0, logprobs=2), SamplingParams(seed=5, top_p=0.8)],
+        [SamplingParams(seed=7, logprobs=1, logprobs_mode="processed"), SamplingParams(seed=8, logprobs=1)],
+    ],
+)
+def test_the_engine_sampler_draws_on_the_host_what_sample_draws_on_the_device(params):
+    """engine/sampler.py hashes each row's (seed, step) into its uniform number on the host and skips the stages
+    no row needs; the tokens and logprobs equal those of `sample()` drawing the same numbers itself."""
+    from engine.sampler import Sampler
+    from engine.sequence import Sequence
+
+    seqs = [Sequence("r", i, [1, 2], p, 100) for i, p in enumerate(params)]
+    sampler = Sampler(V, [0], torch.device("cpu"))
+    reference = SamplingTensors.from_params(params, V, eos_token_ids=[0], sample_indices=[s.index for s in seqs])
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        logits = torch.randn(len(seqs), V, generator=gen) * 2
+        for s in seqs:
+            s.output_token_ids = [4] * step
+        ours = sampler(seqs, logits)
+        reference.seeds = sampler.tensors(seqs).seeds  # unseeded rows drew their seed when the tensors were built
+        expected = sample(logits, reference, steps(len(seqs), step))
+        assert torch.equal(ours.token_ids, expected.token_ids)
+        for a, b in [(ours.logprobs, expected.logprobs), (ours.top_logprobs, expected.top_logprobs)]:
+            assert (a is None and b is None) or torch.equal(a, b)
