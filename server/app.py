@@ -35,6 +35,7 @@ from server.openapi import install_openapi
 from server.request_id import RequestId
 from server.responses_store import ResponseStore
 from server.settings import Settings
+from server.warmup import warm_api
 from server.workers import create_pool
 
 _SLASHES = re.compile(r"/{2,}")
@@ -68,7 +69,10 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.start()
+        await warm_api(app)
         app.state.ready = True
+        if app.state.peers is not None:
+            app.state.peers.mark_ready()
         try:
             yield
         finally:
@@ -87,6 +91,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServerMetrics(backend, backend.info.name)
     app.state.draining = False
     app.state.ready = False
+    app.state.peers = None  # the API processes' ReadyCount when there are several (server/processes.py)
     app.state.responses = ResponseStore()
     app.state.requests = RequestCounter()
     app.state.workers = create_pool()

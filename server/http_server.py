@@ -17,8 +17,9 @@ from server.settings import Settings, format_size
 log = logging.getLogger("minimind.server")
 
 
-def run_api_server(backend: Any, settings: Settings, sock: Any, announce: bool = True) -> None:
-    """The app around `backend`, served by uvicorn on the listening socket `sock` until SIGTERM has drained it."""
+def run_api_server(backend: Any, settings: Settings, sock: Any, announce: bool = True, peers: Any = None) -> None:
+    """The app around `backend`, served by uvicorn on the listening socket `sock` until SIGTERM has drained it.
+    `peers`: the other API processes' readiness (server/processes.py ReadyCount), when there are several."""
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -30,6 +31,7 @@ def run_api_server(backend: Any, settings: Settings, sock: Any, announce: bool =
     AppStatus.disable_automatic_graceful_drain()
 
     app = create_app(backend, settings)
+    app.state.peers = peers
     if announce:
         announce_server(backend.info, settings)
 

@@ -34,10 +34,11 @@ def run_api_processes(settings: Settings, sock: socket.socket, engine: Any) -> N
     metrics = tempfile.TemporaryDirectory(prefix="minimind-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics.name  # inherited by the API processes before they import it
     context = multiprocessing.get_context("spawn")
+    ready = ReadyCount(context.Value("i", 0), settings.api_server_count)
     processes = [
         context.Process(
             target=api_process,
-            args=(settings, sock, engine.address, engine.death, index),
+            args=(settings, sock, engine.address, engine.death, index, ready),
             name=f"minimind-api-{index}",
         )
         for index in range(settings.api_server_count)
@@ -67,7 +68,25 @@ def run_api_processes(settings: Settings, sock: socket.socket, engine: Any) -> N
         metrics.cleanup()
 
 
-def api_process(settings: Settings, sock: socket.socket, address: str, death: Connection, index: int) -> None:
+class ReadyCount:
+    """How many of the API processes have started and warmed up (shared memory). Each one's /health says "ok" only
+    once all have: a client that begins at the first "ok" must not meet a process still starting (its first
+    requests would wait for it, and the others' start-up shares the CPU with them)."""
+
+    def __init__(self, value: Any, total: int) -> None:
+        self.value, self.total = value, total
+
+    def mark_ready(self) -> None:
+        with self.value.get_lock():
+            self.value.value += 1
+
+    def all_ready(self) -> bool:
+        return self.value.value >= self.total
+
+
+def api_process(
+    settings: Settings, sock: socket.socket, address: str, death: Connection, index: int, ready: ReadyCount
+) -> None:
     """One API process: the app around a RemoteBackend, served on the shared socket."""
     os.setpgrp()  # Ctrl-C goes to the launcher, which forwards it once (see the module docstring)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -75,7 +94,7 @@ def api_process(settings: Settings, sock: socket.socket, address: str, death: Co
     from engine.backends.remote import RemoteBackend
     from server.http_server import run_api_server
 
-    run_api_server(RemoteBackend(address, death), settings, sock, announce=index == 0)
+    run_api_server(RemoteBackend(address, death), settings, sock, announce=index == 0, peers=ready)
 
 
 def watch_parent() -> None:

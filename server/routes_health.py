@@ -12,12 +12,14 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while serving; 503 before the engine is up, once shutdown began, and when the engine process died."""
+    """200 while serving; 503 before the engine and every API process are up, once shutdown began, and when the
+    engine process died."""
     state = request.app.state
     dead = getattr(state.backend, "dead", None)  # engine/backends/remote.py
     if dead:
         return JSONResponse({"status": "engine dead", "error": dead}, status_code=503)
-    if state.draining or not state.ready:
+    starting = not state.ready or (state.peers is not None and not state.peers.all_ready())
+    if state.draining or starting:
         return JSONResponse({"status": "draining" if state.draining else "starting"}, status_code=503)
     return JSONResponse({"status": "ok"})
 

@@ -48,10 +48,15 @@ def test_stream_interval_sends_fewer_events_with_the_same_text():
 
     assert text(grouped) == text(plain) and text(plain)
     assert grouped[-1]["usage"]["completion_tokens"] == plain[-1]["usage"]["completion_tokens"] == 21
-    # the first token is not held for the interval (time to first token; a busy machine may have a second one ready
-    # by the time it is sent), then at least 4 per event; the last event takes the rest
+    # at least 4 tokens per event, the last event taking the rest; the first token is not held for the interval
+    # (time to first token), though on a busy machine a few more may be ready by the time it is sent: of three
+    # streams, one must show a first event of fewer than 4 (a first token held back would give 4 every time)
     sizes = tokens_per_event(grouped)
-    assert sum(sizes) == 21 and sizes[0] < 4 and all(size >= 4 for size in sizes[1:-1]), sizes
+    assert sum(sizes) == 21 and all(size >= 4 for size in sizes[1:-1]), sizes
+    firsts = [sizes[0]]
+    while firsts[-1] >= 4 and len(firsts) < 3:
+        firsts.append(tokens_per_event(stream_events(coalesced, **body))[0])
+    assert firsts[-1] < 4, firsts
 
 
 def test_images_cross_to_the_engine_process_unchanged():
@@ -111,3 +116,28 @@ def test_a_dead_engine_process_turns_health_to_503_and_requests_to_503():
     response = httpx.post(server.base_url + "/completions", json=body, timeout=30)
     assert response.status_code == 503 and "engine process exited" in response.json()["error"]["message"]
     server.stop()
+
+
+def test_health_waits_for_every_api_process_and_each_warms_its_prompt_threads():
+    """With several API processes each one's /health stays 503 "starting" until all of them have started and warmed
+    up (server/processes.py ReadyCount): a client that begins at the first 200 meets no process still starting. The
+    warm-up itself starts every prompt worker thread (server/warmup.py), so no first request pays for one."""
+    import multiprocessing
+
+    from fastapi.testclient import TestClient
+
+    from engine.backends.native import NativeBackend
+    from server.app import create_app
+    from server.processes import ReadyCount
+    from server.workers import WORKER_THREADS
+    from tests.test_server_support import tiny_model_dir
+
+    app = create_app(NativeBackend(str(tiny_model_dir()), served_model_name=MODEL_NAME, device="cpu"))
+    app.state.peers = peers = ReadyCount(multiprocessing.get_context("spawn").Value("i", 0), 2)
+    with TestClient(app) as client:
+        assert peers.value.value == 1  # this process
+        response = client.get("/health")
+        assert response.status_code == 503 and response.json()["status"] == "starting"
+        assert len(app.state.workers._threads) == WORKER_THREADS
+        peers.mark_ready()  # the other process
+        assert client.get("/health").json()["status"] == "ok"
