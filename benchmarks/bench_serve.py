@@ -168,6 +168,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "input_len_words": args.input_len,
         "output_len": args.output_len,
         "levels": levels,
+        "note": args.note,
     }
 
 
@@ -184,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", default="native", help="backend name recorded in the results (native, vllm)")
     parser.add_argument("--machine", help="machine description to record (default: detected GPU/CPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/serve-<label>-<date>.json)")
+    parser.add_argument("--note", help="free text stored in the record (e.g. which server build, the machine's load)")
     return parser.parse_args(argv)
 
 
