@@ -32,23 +32,27 @@ class OutputProcessor:
         if out.top_token_ids is not None:
             top_ids, top_values = out.top_token_ids.tolist(), out.top_logprobs.tolist()
         deltas = []
+        append, finished = self.append, SequenceStatus.FINISHED  # (per row per step: no repeated lookups)
         for row, (seq, token) in enumerate(zip(seqs, token_ids)):
             seq.num_pending -= 1
-            if seq.status is SequenceStatus.FINISHED:  # stopped or aborted after this step was launched
+            if seq.status is finished:  # stopped or aborted after this step was launched
                 continue
-            if prefill and seq.params.max_tokens == 0:  # prompt logprobs only
+            params = seq.params
+            if prefill and params.max_tokens == 0:  # prompt logprobs only
                 seq.detok.finish("length")
                 self.scheduler.finish(seq, "length")
                 deltas.append(self.delta(seq, [], "", None))
                 continue
-            logprob = None
-            if logprobs is not None and seq.params.logprobs is not None:
-                wanted = seq.params.logprobs
+            wanted = params.logprobs
+            if logprobs is None or wanted is None:
+                deltas.append(append(seq, [token], [None]))
+            elif not wanted and not params.detokenize:  # a rollout's token: its logprob alone, no texts
+                deltas.append(append(seq, [token], [TokenLogprob(token, "", logprobs[row], [])]))
+            else:
                 top = (
                     [] if not wanted or top_ids is None else list(zip(top_ids[row][:wanted], top_values[row][:wanted]))
                 )
-                logprob = self._logprob(seq, token, logprobs[row], top)
-            deltas.append(self.append(seq, [token], [logprob]))
+                deltas.append(append(seq, [token], [self._logprob(seq, token, logprobs[row], top)]))
         return deltas
 
     def append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> CompletionDelta:
@@ -70,7 +74,8 @@ class OutputProcessor:
         if seq.params.logprobs is None:
             return self.delta(seq, kept, text, None)
         kept_logprobs = [lp for lp in logprobs[: len(kept)] if lp is not None]
-        seq.cumulative_logprob += sum(lp.logprob for lp in kept_logprobs)
+        for lp in kept_logprobs:
+            seq.cumulative_logprob += lp.logprob
         if seq.logprobs is None:
             seq.logprobs = []
         seq.logprobs.extend(kept_logprobs)  # in place: a copy per token made long completions quadratic
@@ -83,18 +88,18 @@ class OutputProcessor:
     def delta(self, seq: Sequence, tokens: list[int], text: str, logprobs) -> CompletionDelta:
         seq.text += text
         first = len(seq.output_token_ids) == len(tokens)
-        return CompletionDelta(
-            request_id=seq.request_id,
-            index=seq.index,
-            text=text,
-            token_ids=tokens,
-            logprobs=logprobs,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_generated_tokens=len(seq.output_token_ids),
-            prompt_logprobs=seq.prompt_logprobs if first else None,
+        return CompletionDelta(  # positional (CompletionDelta's field order): one per row per step, kwargs cost more
+            seq.request_id,
+            seq.index,
+            text,
+            tokens,
+            logprobs,
+            seq.status is SequenceStatus.FINISHED,
+            seq.finish_reason,
+            seq.stop_reason,
+            len(seq.prompt_token_ids),
+            len(seq.output_token_ids),
+            seq.prompt_logprobs if first else None,
         )
 
     def _token_text(self, token_id: int) -> str:
