@@ -13,6 +13,10 @@ it anywhere else.
 Results: one JSON (every run, each level in bench_serve.py's shape, vLLM's raw result kept beside) and one PNG
 per shape (throughput, TTFT and TPOT against concurrency, one line per server), plus a table of the ratios.
 
+`--offline` adds, per shape and after the servers, the same workload through the native engine with no server
+(engine/llm.py `LLM.generate` over as many random prompts as the highest level sends, the engine flags of
+`--minimind-args`): the output tok/s a server could deliver at most, and each minimind level's share of it.
+
 Without vLLM (a CPU machine, to check this script): `--client builtin --servers minimind` measures with
 benchmarks/bench_serve.py's client instead, e.g.
     python benchmarks/bench_vllm_serve.py --client builtin --servers minimind --shapes minimind2-small \
@@ -195,6 +199,53 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
     }
 
 
+def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
+    """The highest level's workload through `LLM.generate` in this process (after one small warm-up call), with the
+    engine flags of --minimind-args; `share_of_offline` is then added to each minimind level."""
+    import random
+
+    from engine.cli.args import add_model_arguments, engine_config_from_args
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    flags = argparse.ArgumentParser()
+    add_model_arguments(flags)
+    engine_args, _ = flags.parse_known_args(shlex.split(args.minimind_args))  # serve-only flags are left out
+    engine_args.model, engine_args.max_num_seqs = str(model), args.max_num_seqs
+    llm = LLM(config=engine_config_from_args(engine_args))
+    concurrency = max(args.concurrency)
+    num_prompts = args.num_prompts or max(4 * concurrency, 32)
+    rng = random.Random(0)
+    vocab = llm.model.config.vocab_size
+    prompts = [[rng.randrange(10, vocab) for _ in range(args.input_len)] for _ in range(num_prompts)]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0, detokenize=True)
+    llm.generate(prompts[: min(8, num_prompts)], params)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f" offline {shape:>16} {num_prompts} requests: output {tokens / seconds:.1f} tok/s", flush=True)
+    del llm
+    return {
+        "backend": "offline engine",
+        "model": shape,
+        "command": f"engine.llm.LLM.generate, engine flags {shlex.join(shlex.split(args.minimind_args))!r}",
+        "num_prompts": num_prompts,
+        "output_tokens": tokens,
+        "duration_s": seconds,
+        "output_throughput_tok_s": tokens / seconds,
+    }
+
+
+def offline_shares(runs: list[dict]) -> None:
+    """Each minimind level's output tok/s as a share of the offline engine's on the same shape."""
+    offline = {r["model"]: r["output_throughput_tok_s"] for r in runs if r["backend"] == "offline engine"}
+    for run in runs:
+        if run["backend"] == "minimind" and run["model"] in offline:
+            for level in run["levels"]:
+                level["share_of_offline"] = level["output_throughput_tok_s"] / offline[run["model"]]
+
+
 def ratio_table(runs: list[dict]) -> list[str]:
     """minimind / vllm output throughput per shape and concurrency."""
     lines = []
@@ -209,6 +260,13 @@ def ratio_table(runs: list[dict]) -> list[str]:
                 f"{shape:>16} c={mine['concurrency']:<4} minimind {a:>10.1f} tok/s  vllm {b:>10.1f} tok/s  "
                 f"ratio {a / b if b else float('nan'):.2f}x"
             )
+    for run in runs:
+        for level in run["levels"] if run["backend"] == "minimind" else []:
+            if "share_of_offline" in level:
+                lines.append(
+                    f"{run['model']:>16} c={level['concurrency']:<4} minimind {level['output_throughput_tok_s']:>10.1f}"
+                    f" tok/s = {level['share_of_offline']:.0%} of the offline engine"
+                )
     return lines
 
 
@@ -234,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="exported models and raw results (default: a temp folder)")
     parser.add_argument("--machine", help="machine description to record (default: detected GPU/CPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/vllm-bench-serve-<date>.json)")
+    parser.add_argument("--offline", action="store_true", help="also the same workload through the engine alone")
     return parser.parse_args(argv)
 
 
@@ -241,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minimind-vllm-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    runs = []
+    runs: list[dict] = []
     for shape in args.shapes:
         model = export_model(shape, folder)
         for server in args.servers:
             runs.append(bench_server(server, shape, model, args, folder))
+        if args.offline:
+            runs.append(bench_offline(shape, model, args))
+    offline_shares(runs)
     report = {
         "benchmark": "vllm-bench-serve",
         **provenance(__file__),
@@ -260,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {out}")
     for shape in args.shapes:
         records = [(str(out), {**run, "machine": report["machine"], "date": report.get("date")}) for run in runs]
-        records = [r for r in records if r[1]["model"] == shape]
+        records = [r for r in records if r[1]["model"] == shape and "levels" in r[1]]  # servers, not the offline run
         try:
             png = out.with_name(f"{out.stem}-{shape}.png")
             plot_serve(records, png)
@@ -269,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no PNG: matplotlib is not installed (pip install 'my-minimind[bench]')")
     for line in ratio_table(runs):
         print(line)
-    failed = sum(level["failed"] or 0 for run in runs for level in run["levels"])
+    failed = sum(level["failed"] or 0 for run in runs for level in run.get("levels", []))
     return 0 if failed == 0 else 1
 
 
