@@ -148,7 +148,7 @@ def interleaved_generation(runners: dict, prompt_ids: list[list[int]]) -> tuple[
 class EngineRunner:
     def __init__(self, model_dir: Path, new_tokens: int, dtype: str, quantization: str, compiled: bool = False):
         self.dtype, self.quantization, self.new_tokens, self.compiled = dtype, quantization, new_tokens, compiled
-        # a compiled step needs two cache slots (its batch sizes start at 2, see engine/model_runner.py)
+        # a compiled step needs two cache slots (engine/model_runner.py); batch 1 has its own compiled variant on the CPU
         self.llm = LLM(
             str(model_dir),
             device="cpu",
