@@ -46,8 +46,6 @@ class OutputProcessor:
             wanted = params.logprobs
             if logprobs is None or wanted is None:
                 deltas.append(append(seq, [token], [None]))
-            elif not wanted and not params.detokenize:  # a rollout's token: its logprob alone, no texts
-                deltas.append(append(seq, [token], [TokenLogprob(token, "", logprobs[row], [])]))
             else:
                 top = (
                     [] if not wanted or top_ids is None else list(zip(top_ids[row][:wanted], top_values[row][:wanted]))
@@ -108,7 +106,9 @@ class OutputProcessor:
     def _logprob(self, seq: Sequence, token: int, value: float, top: list[tuple[int, float]]) -> TokenLogprob:
         """The chosen token's logprob and its top alternatives; token texts are left empty for requests that asked
         for no text (`detokenize=False`), as a decode per token is most of their host work."""
-        text = self._token_text if seq.params.detokenize else _no_text
+        if not seq.params.detokenize:
+            return TokenLogprob(token, "", value, [(i, "", v) for i, v in top])
+        text = self._token_text
         return TokenLogprob(token, text(token), value, [(i, text(i), v) for i, v in top])
 
     def prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob | None]:
@@ -125,7 +125,3 @@ class OutputProcessor:
                 top = [(t, self._token_text(t), v) for t, v in zip(top_ids[i].tolist(), top_values[i].tolist())]
             result.append(TokenLogprob(token, self._token_text(token), chosen[i], top))
         return result
-
-
-def _no_text(token_id: int) -> str:
-    return ""

@@ -12,7 +12,8 @@ Three parts:
 - every sampling path, as a few short real requests through `add_request`/`step` (they also warm prefill and
   the output path), so the warm-up follows whatever the scheduler does with requests;
 - a ladder of prompt lengths, one greedy token each (prefill is not captured, but a new size is a first time too).
-On the CPU nothing is bucketed (no graphs), so only the second part runs: a few hundred milliseconds.
+On the CPU without --compile nothing is bucketed, so the first part has nothing to do and the rest takes a few
+hundred milliseconds; with --compile every shape compiles here (minutes, not the first client's).
 """
 
 from __future__ import annotations

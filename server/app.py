@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -63,7 +64,8 @@ def admit(request: Request) -> None:
         raise APIError(503, "the server is shutting down and accepts no new requests; retry on another replica")
 
 
-def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
+def create_app(backend: Backend, settings: Settings | None = None, peers: Any = None) -> FastAPI:
+    """`peers`: the API processes' ReadyCount when there are several (server/processes.py); /health waits for all."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -91,7 +93,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServerMetrics(backend, backend.info.name)
     app.state.draining = False
     app.state.ready = False
-    app.state.peers = None  # the API processes' ReadyCount when there are several (server/processes.py)
+    app.state.peers = peers
     app.state.responses = ResponseStore()
     app.state.requests = RequestCounter()
     app.state.workers = create_pool()

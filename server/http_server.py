@@ -30,8 +30,7 @@ def run_api_server(backend: Any, settings: Settings, sock: Any, announce: bool =
     # shutdown waits up to --drain-timeout, then the backend aborts what is left).
     AppStatus.disable_automatic_graceful_drain()
 
-    app = create_app(backend, settings)
-    app.state.peers = peers
+    app = create_app(backend, settings, peers)
     if announce:
         announce_server(backend.info, settings)
 

@@ -132,8 +132,8 @@ def test_health_waits_for_every_api_process_and_each_warms_its_prompt_threads():
     from server.workers import WORKER_THREADS
     from tests.test_server_support import tiny_model_dir
 
-    app = create_app(NativeBackend(str(tiny_model_dir()), served_model_name=MODEL_NAME, device="cpu"))
-    app.state.peers = peers = ReadyCount(multiprocessing.get_context("spawn").Value("i", 0), 2)
+    peers = ReadyCount(multiprocessing.get_context("spawn").Value("i", 0), 2)
+    app = create_app(NativeBackend(str(tiny_model_dir()), served_model_name=MODEL_NAME, device="cpu"), peers=peers)
     with TestClient(app) as client:
         assert peers.value.value == 1  # this process
         response = client.get("/health")
