@@ -260,6 +260,38 @@ def test_rollouts_sample_from_the_weights_after_each_optimizer_step(policy):
     assert not torch.allclose(before, engine_lp[: before.numel()], atol=1e-2)
 
 
+def test_mixed_precision_rollouts_run_on_a_copy_in_the_autocast_dtype_that_follows_each_optimizer_step(policy):
+    """fp32 parameters trained under bf16 autocast: the engine samples from a bf16 copy (as the trainer's forward
+    computes), refreshed before each rollout, so its log-probabilities stay those of the current policy."""
+    from training.rollout import RolloutEngine
+
+    model, tokenizer = policy
+    engine = RolloutEngine(model, tokenizer, max_model_len=64, kv_cache_bytes=1 << 20, dtype=torch.bfloat16)
+    copy = engine.llm.model
+    assert copy is not model and next(copy.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32 and model.training
+    prompts = [tokenizer("the model reads")["input_ids"], tokenizer("text and")["input_ids"]]
+
+    def logps(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, engine_lp, trainer_lp = rollout_logps(model, tokenizer, engine, prompts, 1.0, seed=seed)
+        return engine_lp, trainer_lp.float()
+
+    before, recomputed = logps(seed=9)
+    assert (before - recomputed).abs().mean() < 0.02, (before - recomputed).abs().mean()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    for _ in range(2):
+        ids = torch.tensor([prompts[0] + prompts[0]])
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after, recomputed = logps(seed=9)
+    assert (after - recomputed).abs().mean() < 0.02, (after - recomputed).abs().mean()
+    assert (after[: before.numel()] - before).abs().mean() > 0.1  # the copy followed the optimizer steps
+    for mine, theirs in zip(copy.parameters(), model.parameters()):
+        assert torch.equal(mine, theirs.to(torch.bfloat16))
+
+
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
 

@@ -66,7 +66,12 @@ class GRPOStage(SFTStage):
         if cfg.beta > 0:
             self.reference = load_reference(cfg, context) if cfg.ref_model else frozen(copy.deepcopy(context.model))
         self.engine = RolloutEngine(
-            context.model, context.tokenizer, cfg.max_seq_len, cfg.rollout_kv_cache_mb << 20, max_num_seqs=256
+            context.model,
+            context.tokenizer,
+            cfg.max_seq_len,
+            cfg.rollout_kv_cache_mb << 20,
+            max_num_seqs=256,
+            dtype=context.amp_dtype,  # compute as the trainer's forward does (training/rollout.py)
         )
         self.epsilon_high = cfg.epsilon_high or (CISPO_DEFAULT_CAP if cfg.rl_loss == "cispo" else cfg.epsilon)
 

@@ -1,10 +1,16 @@
-"""Rollouts for the RL stages on the native engine (engine/llm.py), over the policy's own parameters.
+"""Rollouts for the RL stages on the native engine (engine/llm.py), over the policy's weights.
 
-The engine is built once around the trainer's model object: no second copy, no reload. Every optimizer step
-updates the parameters in place, so the next rollout samples from the new policy by construction (the engine
-neither fuses projections nor keeps transposed weight copies of a model object it is handed: that is done only to
-a copy it loaded itself, see models/fusion.py). The KV cache is preallocated once and
-sized by `rollout_kv_cache_mb`; requests beyond it wait their turn (continuous batching).
+The engine is built once around the trainer's model object: no reload. When the rollouts compute in the
+parameters' own dtype (CPU training, fp32 training), the engine runs on those very parameters: every optimizer
+step updates them in place, so the next rollout samples from the new policy by construction (the engine neither
+fuses projections nor keeps transposed weight copies of a model object it is handed: that is done only to a copy
+it loaded itself, see models/fusion.py). With mixed precision on a GPU (fp32 parameters, bf16 autocast) the
+rollouts compute in the autocast dtype, as the trainer's forward does: the engine runs on a copy of the policy in
+that dtype, refreshed in place from the parameters before every rollout (one copy kernel per tensor; the CUDA
+graphs keep reading the same storage). On an H200 this made GRPO-shaped rollouts (minimind2-small, 48 sequences of
+1,024 tokens) 1.6x faster than in fp32: the fp32 step was bound by the GPU, the bf16 one is not.
+The KV cache is preallocated once and sized by `rollout_kv_cache_mb`; requests beyond it wait their turn
+(continuous batching).
 
 Sampling uses the serving SamplingParams (temperature, top-p, max tokens, stop strings), one seeded request of
 n = G completions per prompt (the prompt is prefilled once), and asks for the log-probabilities of the
@@ -13,6 +19,7 @@ distribution each token was drawn from (`logprobs_mode="processed"`): the old po
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,29 +98,44 @@ class RolloutEngine:
         max_model_len: int,
         kv_cache_bytes: int,
         max_num_seqs: int = 256,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: what the rollouts compute in; None or the parameters' own dtype runs the engine on the policy's
+        parameters themselves, another dtype on a copy refreshed before each rollout (see the module doc)."""
         from engine.llm import LLM
 
         param = next(model.parameters())
         training = model.training
         self.model = model
+        self.copied = dtype is not None and dtype != param.dtype
+        engine_model = model
+        if self.copied:
+            engine_model = copy.deepcopy(model).to(dtype).requires_grad_(False)
         self.llm = LLM(
-            model,
+            engine_model,
             tokenizer=tokenizer,
             device=str(param.device),
-            dtype=param.dtype,  # the parameters as they are: never a converted copy
+            dtype=dtype if self.copied else param.dtype,  # the engine converts nothing itself
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             kv_cache_memory=kv_cache_bytes,
         )
         model.train(training)  # LLM puts the model in eval mode; training continues in its own mode
-        if any(p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), self.llm.model.parameters())):
-            raise RuntimeError("the rollout engine must run on the policy's own parameters")
+        if any(p.data_ptr() != q.data_ptr() for p, q in zip(engine_model.parameters(), self.llm.model.parameters())):
+            raise RuntimeError("the rollout engine must run on the model object it was given, not a converted copy")
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the policy's current parameters into the engine's copy (no-op when the engine runs on them)."""
+        if self.copied:
+            for mine, policy in zip(self.llm.model.parameters(), self.model.parameters(), strict=True):
+                mine.copy_(policy)
 
     def generate(self, prompts: list[list[int]], params: Any) -> list[Completion]:
         """params.n completions of each prompt (token ids), in prompt order; the model in eval mode meanwhile.
         `params` is one SamplingParams or one per prompt. Requests with `detokenize` off (no stop strings to
         watch) get their texts decoded here, once per completion, instead of token by token inside the engine."""
+        self.refresh()
         with eval_mode(self.model), torch.no_grad():
             outputs = self.llm.generate(prompts, params)
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
