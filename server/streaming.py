@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import anyio
@@ -21,6 +22,8 @@ from server.errors import ClientDisconnected, api_error_from, error_body
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
+# Set while an API process sends its own start-up requests (server/warmup.py): they are left out of /metrics.
+WARMING_UP: ContextVar[bool] = ContextVar("minimind_warming_up", default=False)
 
 
 async def run_backend(
@@ -35,7 +38,9 @@ async def run_backend(
     started = time.perf_counter()
     stream = state.backend.generate(prompt, params, request_id, **({"images": images} if images is not None else {}))
     interval = state.settings.stream_interval
-    tracked = state.metrics.track(coalesce(stream, interval) if interval > 1 else stream, started)
+    deltas = coalesce(stream, interval) if interval > 1 else stream
+    counted = not WARMING_UP.get()
+    tracked = state.metrics.track(deltas, started) if counted else deltas
     done = False
     try:
         async for delta in tracked:
@@ -43,7 +48,8 @@ async def run_backend(
         done = True
     finally:
         if not done:
-            state.metrics.record_abort()
+            if counted:
+                state.metrics.record_abort()
             # shielded: when a disconnect cancels the surrounding task, the abort must still run
             with anyio.CancelScope(shield=True):
                 await state.backend.abort(request_id)

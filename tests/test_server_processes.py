@@ -141,3 +141,34 @@ def test_health_waits_for_every_api_process_and_each_warms_its_prompt_threads():
         assert len(app.state.workers._threads) == WORKER_THREADS
         peers.mark_ready()  # the other process
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_each_api_process_answers_its_own_sample_requests_before_ready_and_leaves_them_out_of_metrics(monkeypatch):
+    """server/warmup.py: completions and chat, streamed and not, go through the app in-process at start-up (so the
+    first client's request meets built middleware and routes that have run), all answered 200, none counted."""
+    from fastapi.testclient import TestClient
+
+    from engine.backends.native import NativeBackend
+    from server import warmup
+    from server.app import create_app
+    from tests.test_server_support import tiny_model_dir
+
+    answered: list[int] = []
+    real = warmup.warm_routes
+
+    async def counting(app):
+        answered.append(await real(app))
+        return answered[-1]
+
+    monkeypatch.setattr(warmup, "warm_routes", counting)
+    app = create_app(NativeBackend(str(tiny_model_dir()), served_model_name=MODEL_NAME, device="cpu"))
+    assert app.middleware_stack is None
+    with TestClient(app) as client:
+        assert answered == [len(warmup.sample_requests(MODEL_NAME))] == [4]
+        assert app.middleware_stack is not None
+        text = client.get("/metrics").text
+        assert 'minimind:generation_tokens_total{model_name="tiny"} 0.0' in text
+        assert "request_success_total{" not in text
+        body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert 'minimind:generation_tokens_total{model_name="tiny"} 3.0' in client.get("/metrics").text
