@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.backend import Backend
+from engine.warmup import freeze_heap
 from server import (
     routes_chat,
     routes_completions,
@@ -72,6 +73,7 @@ def create_app(backend: Backend, settings: Settings | None = None, peers: Any = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await backend.start()
         await warm_api(app)
+        freeze_heap("API process")  # after every warm-up: the long-lived objects are all there now
         app.state.ready = True
         if app.state.peers is not None:
             app.state.peers.mark_ready()

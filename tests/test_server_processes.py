@@ -4,6 +4,7 @@ engine process's death turning /health to 503."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -161,14 +162,17 @@ def test_each_api_process_answers_its_own_sample_requests_before_ready_and_leave
         return answered[-1]
 
     monkeypatch.setattr(warmup, "warm_routes", counting)
+    gc.unfreeze()
     app = create_app(NativeBackend(str(tiny_model_dir()), served_model_name=MODEL_NAME, device="cpu"))
     assert app.middleware_stack is None
     with TestClient(app) as client:
         assert answered == [len(warmup.sample_requests(MODEL_NAME))] == [4]
         assert app.middleware_stack is not None
+        assert gc.get_freeze_count() > 0  # the long-lived objects are out of the collector's reach
         text = client.get("/metrics").text
         assert 'minimind:generation_tokens_total{model_name="tiny"} 0.0' in text
         assert "request_success_total{" not in text
         body = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
         assert client.post("/v1/completions", json=body).status_code == 200
         assert 'minimind:generation_tokens_total{model_name="tiny"} 3.0' in client.get("/metrics").text
+    gc.unfreeze()  # this test process lives on: let its collector see those objects again

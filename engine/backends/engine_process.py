@@ -35,7 +35,7 @@ from engine.backends.native import EMBED_CHUNK_TOKENS, engine_stats, model_info
 from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.errors import EngineError
-from engine.warmup import warm_up
+from engine.warmup import freeze_heap, warm_up
 
 log = logging.getLogger("minimind.engine")
 
@@ -106,6 +106,7 @@ def run_engine(
     except Exception as err:  # the launcher prints it as the CLI's error
         notice.send(("error", str(err) or type(err).__name__))
         raise SystemExit(1) from None
+    freeze_heap("engine process")
     notice.send(("ready",))
     loop.run()
 
