@@ -132,9 +132,13 @@ def vllm_level(args: argparse.Namespace, model: Path, concurrency: int, folder: 
     cmd += ["--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len), "--ignore-eos"]
     cmd += ["--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", "0"]
     cmd += ["--percentile-metrics", "ttft,tpot,itl,e2el"]
-    cmd += ["--save-result", "--result-dir", str(folder), "--result-filename", result_file]
+    cmd += ["--save-result", "--save-detailed", "--result-dir", str(folder), "--result-filename", result_file]
     run(cmd)
     raw = json.loads((folder / result_file).read_text())
+    # --save-detailed adds per-request lists: keep each request's TTFT (in send order, so a slow first request or a
+    # periodic stall shows), drop the bulky ones (every inter-token gap, the generated texts)
+    for bulky in ("itls", "generated_texts", "input_lens", "output_lens", "errors", "start_times"):
+        raw.pop(bulky, None)
 
     def stats(metric: str) -> dict[str, float]:
         return {f"{k}_ms": float(raw.get(f"{k}_{metric}_ms", 0.0)) for k in ("mean", "median", "p99", "std")}
@@ -153,6 +157,7 @@ def vllm_level(args: argparse.Namespace, model: Path, concurrency: int, folder: 
         "tpot": stats("tpot"),
         "itl": stats("itl"),
         "e2el": stats("e2el"),
+        "ttft_per_request_ms": [round(t * 1e3, 2) for t in raw.pop("ttfts", [])],
         "vllm_bench_serve": raw,
     }
 
