@@ -9,9 +9,10 @@ one paid it again. Every API process runs this in its lifespan, before it report
 
 Then it sends itself one short request of each common shape (completions and chat, streamed and not) through its
 own ASGI app, in-process: the middleware stack is built, the routes, request models, SSE framing and the channel to
-the engine each run once. Without these, `vllm bench serve` on an H200 (minimind2-small, `--api-server-count 4`,
-one stream) saw a median TTFT of 9.6 ms but a p99 of 75 ms: each API process's first completion paid them. These
-requests are left out of /metrics (server/streaming.py WARMING_UP).
+the engine each run once. They are left out of /metrics (server/streaming.py WARMING_UP). They were added when
+`vllm bench serve` on an H200 (minimind2-small, `--api-server-count 4`, one stream) saw a median TTFT of 9.6 ms but
+a p99 of 75 ms; with them and the frozen GC heap (engine/warmup.py `freeze_heap`) a later run saw 13.9 and 57.5 ms
+on a slower machine, so some slow request remains that these do not explain (docs/server.md).
 """
 
 from __future__ import annotations
