@@ -1,7 +1,7 @@
 """The `grpo` stage: group-relative policy optimisation (GRPO, or CISPO's loss) from rewards on sampled completions.
 
 Each micro-batch is batch_size prompts; `collate` samples num_generations (G) completions of each on the native
-engine over the policy's own weights (training/rollout.py), scores them (training/rewards.py) and normalises
+engine over the policy's current weights (training/rollout.py), scores them (training/rewards.py) and normalises
 the rewards within each prompt's group into advantages. The trainer collates every micro-batch of a step before
 its first backward, so all of a step's rollouts come from the same weights: the step is on-policy, and the
 engine's log-probabilities of the sampling distribution are the importance ratio's denominator.

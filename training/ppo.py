@@ -1,6 +1,6 @@
 """The `ppo` stage: proximal policy optimisation with a critic (a value head on the policy) and GAE.
 
-Rollouts are the grpo stage's (training/grpo.py `rollout`: the native engine over the policy's own weights,
+Rollouts are the grpo stage's (training/grpo.py `rollout`: the native engine over the policy's current weights,
 scored by the same rewards). The critic is a linear value head on the final (normed) hidden state of the same
 model: it shares the trunk with the actor, so one forward gives both the token log-probabilities and the values,
 and the head is a submodule of the model, so the optimizer, DDP, checkpoints and exact resume cover it as they
