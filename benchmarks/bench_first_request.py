@@ -16,12 +16,12 @@ first-request and steady-state TTFTs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shlex
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -29,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import bench_serve  # noqa: E402
 from benchmarks.bench_vllm_serve import Server  # noqa: E402
 from benchmarks.provenance import machine_name, provenance  # noqa: E402
 
@@ -36,37 +37,18 @@ SERVED_NAME = "m"
 
 
 def first_token_ms(base_url: str, prompt: str, max_tokens: int) -> float:
-    """One streamed completion on a fresh connection; milliseconds until the first event that carries text."""
+    """One streamed completion on a fresh connection (a client of its own); milliseconds to its first text."""
     body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    body["ignore_eos"] = True
-    with httpx.Client(timeout=120) as client:
-        started = time.perf_counter()
-        with client.stream("POST", base_url + "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"the server answered {response.status_code}: {response.read()[:300]!r}")
-            first = None
-            for line in response.iter_lines():
-                if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
-                    first = (time.perf_counter() - started) * 1e3
-            if first is None:
-                raise RuntimeError("the stream ended without any text")
-            return first
+    body.update(ignore_eos=True, stream_options={"include_usage": True})
 
+    async def one() -> bench_serve.RequestResult:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await bench_serve.one_request(client, base_url + "/v1/completions", body, {})
 
-def wait_healthy(server: Server, base_url: str, timeout: float) -> float:
-    """Seconds until /health first answers 200, polled every 50 ms (the first request goes out right after)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
-        try:
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"server not healthy after {timeout:g}s:\n{server.log.read_text()[-3000:]}")
+    result = asyncio.run(one())
+    if not result.ok:
+        raise RuntimeError(f"the request failed: {result.error}")
+    return result.ttft * 1e3
 
 
 def measure_layout(model: str, layout: str, args: argparse.Namespace, folder: Path, index: int) -> dict:
@@ -76,7 +58,7 @@ def measure_layout(model: str, layout: str, args: argparse.Namespace, folder: Pa
     cmd += shlex.split(args.server_args) + shlex.split(layout)
     server = Server(cmd, folder / f"layout-{index}.log", base_url)
     try:
-        healthy_s = wait_healthy(server, base_url, args.start_timeout)
+        healthy_s = server.wait_healthy(args.start_timeout, poll_s=0.05)  # the first request goes right after
         ttfts = [first_token_ms(base_url, args.prompt, args.max_tokens) for _ in range(args.requests)]
     finally:
         server.stop()

@@ -99,7 +99,8 @@ class Server:
         with log.open("wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_healthy(self, timeout: float) -> float:
+    def wait_healthy(self, timeout: float, poll_s: float = 0.5) -> float:
+        """Seconds until /health first answers 200, polled every `poll_s`."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
@@ -109,7 +110,7 @@ class Server:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(poll_s)
         self.stop()
         raise RuntimeError(f"server not healthy after {timeout:g}s:\n{self.log.read_text()[-3000:]}")
 

@@ -199,6 +199,14 @@ def rollout_logps(model, tokenizer, engine, prompts, temperature, seed):
     return completions, torch.cat(engine_lp), torch.cat(trainer_lp)
 
 
+def train_step(model, optimizer, ids: list[int]) -> None:
+    """One optimizer step of plain next-token loss on `ids`: moves the policy away from its sampling weights."""
+    batch = torch.tensor([ids])
+    model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def test_engine_rollout_logprobs_equal_the_trainers_recomputation(policy):
     from training.rollout import RolloutEngine
 
@@ -251,10 +259,7 @@ def test_rollouts_sample_from_the_weights_after_each_optimizer_step(policy):
     _, before, _ = rollout_logps(model, tokenizer, engine, prompts, 1.0, seed=9)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
     for _ in range(2):
-        ids = torch.tensor([prompts[0] + prompts[0]])
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, prompts[0] + prompts[0])
         completions, engine_lp, trainer_lp = rollout_logps(model, tokenizer, engine, prompts, 1.0, seed=9)
         assert torch.allclose(engine_lp, trainer_lp, atol=1e-4)
     assert not torch.allclose(before, engine_lp[: before.numel()], atol=1e-2)
@@ -281,10 +286,7 @@ def test_mixed_precision_rollouts_run_on_a_copy_in_the_autocast_dtype_that_follo
     assert (before - recomputed).abs().mean() < 0.02, (before - recomputed).abs().mean()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
     for _ in range(2):
-        ids = torch.tensor([prompts[0] + prompts[0]])
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, prompts[0] + prompts[0])
     after, recomputed = logps(seed=9)
     assert (after - recomputed).abs().mean() < 0.02, (after - recomputed).abs().mean()
     assert (after[: before.numel()] - before).abs().mean() > 0.1  # the copy followed the optimizer steps

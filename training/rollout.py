@@ -108,15 +108,14 @@ class RolloutEngine:
         param = next(model.parameters())
         training = model.training
         self.model = model
-        self.copied = dtype is not None and dtype != param.dtype
         engine_model = model
-        if self.copied:
+        if dtype is not None and dtype != param.dtype:
             engine_model = copy.deepcopy(model).to(dtype).requires_grad_(False)
         self.llm = LLM(
             engine_model,
             tokenizer=tokenizer,
             device=str(param.device),
-            dtype=dtype if self.copied else param.dtype,  # the engine converts nothing itself
+            dtype=next(engine_model.parameters()).dtype,  # the engine converts nothing itself
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             kv_cache_memory=kv_cache_bytes,
@@ -128,7 +127,7 @@ class RolloutEngine:
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the policy's current parameters into the engine's copy (no-op when the engine runs on them)."""
-        if self.copied:
+        if self.llm.model is not self.model:
             for mine, policy in zip(self.llm.model.parameters(), self.model.parameters(), strict=True):
                 mine.copy_(policy)
 
