@@ -13,6 +13,14 @@ from fastapi import FastAPI
 
 from server.protocol import ErrorResponse
 
+# One server-sent event, as SSE clients (and OpenAPI 3.2 tools) read a stream: an object per event, not the raw text.
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "one server-sent event: `data` holds a JSON chunk; the last event's `data` is `[DONE]`",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
+
 WHEN = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range (`param` names it), "
     "a prompt over the context, a request that can never fit the queue",
@@ -72,9 +80,7 @@ def fix_schema(schema: dict[str, Any]) -> dict[str, Any]:
                 responses[str(status)] = _error_response(status)
             if path in STREAMING:
                 content = responses["200"].setdefault("content", {})
-                content["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}
-                }
+                content["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}
     health = schema["paths"]["/health"]["get"]["responses"]
     health["200"] = {"description": "Serving", "content": {"application/json": {"schema": HEALTH_SCHEMA}}}
     health["503"] = {
