@@ -18,12 +18,21 @@ from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from transformers.cache_utils import DynamicCache
 
 from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.paged_cache import PagedKVCache
-from models.model import MiniMindForCausalLM
+from models.model import INCREMENTAL_SDPA_BACKENDS, MiniMindForCausalLM
+
+# Every forward pass the runner launches or captures leaves cuDNN's attention out. On an H100/H200 SDPA picks
+# cuDNN, which builds an execution plan for each new shape: with `minimind serve` on an H200 (minimind2-small, one
+# stream), every prompt length the server had not seen yet made its prefill step take 50-80 ms instead of 6-10,
+# the whole of the p99 time to first token. Prompt lengths vary per request, so no warm-up covers them; the flash
+# and memory-efficient kernels need no plan. Replayed CUDA graphs keep the kernels chosen at capture, so only
+# eager passes and captures enter this context (12 us each on the 2-core CPU here).
+ENGINE_SDPA_BACKENDS = INCREMENTAL_SDPA_BACKENDS
 
 
 class CpuWeightLayouts:
@@ -168,12 +177,13 @@ class ModelRunner:
             lengths=torch.tensor(lengths, device=self.device) if padded else None,
         )
         embeds = self._embeds_with_images(tokens, images) if images and any(x is not None for x in images) else None
-        hidden = self.model.model(
-            input_ids=None if embeds is not None else tokens,
-            inputs_embeds=embeds,
-            position_ids=positions,
-            kv_cache=view,
-        ).last_hidden_state
+        with sdpa_kernel(ENGINE_SDPA_BACKENDS):
+            hidden = self.model.model(
+                input_ids=None if embeds is not None else tokens,
+                inputs_embeds=embeds,
+                position_ids=positions,
+                kv_cache=view,
+            ).last_hidden_state
         last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         full = [
             self.model.lm_head(hidden[i, : lengths[i]]).float() if want else None for i, want in enumerate(full_logits)
@@ -206,7 +216,8 @@ class ModelRunner:
             # position (batch-1 decode) sees every cached key, so it needs no mask.
             index = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
             masked = num_new > 1 or min(starts) != max(starts)
-            return self._forward(tokens, start, index, needed, masked)
+            with sdpa_kernel(ENGINE_SDPA_BACKENDS):
+                return self._forward(tokens, start, index, needed, masked)
         batch = _pick(self.batch_buckets, max(slots) + 1)
         kv_len = _pick(self.len_buckets, needed)
         # Rows of the bucket outside this batch (free slots, a prompt between two prefill chunks) still run: they
@@ -249,12 +260,12 @@ class ModelRunner:
         fn, args = self._step_fn(batch, num_new, kv_len)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), sdpa_kernel(ENGINE_SDPA_BACKENDS):
             for _ in range(2):
                 fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), sdpa_kernel(ENGINE_SDPA_BACKENDS):
             logits = fn(*args)
         self.pool = graph.pool()
         return graph, logits

@@ -124,6 +124,21 @@ def test_rows_follow_slots_not_batch_order(tokenizer):
     assert mixed == [ref[:n] for ref, n in zip(alone, lengths)]
 
 
+def test_engine_forward_passes_leave_cudnn_attention_out(tokenizer):
+    """cuDNN's attention builds a plan per new shape: on an H200 each prompt length the server had not seen yet cost
+    50-80 ms of prefill (engine/model_runner.py). Every pass the engine runs, prefill and decode, sees it switched
+    off, and the process default is back afterwards (training keeps whatever SDPA picks)."""
+    model = tiny_model(seed=3)
+    seen: list[bool] = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    make_llm(model, tokenizer, max_num_seqs=2).generate(prompts()[:2], greedy(4))
+    assert len(seen) >= 4 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_stop_token_mid_batch_ends_only_that_request(case, tokenizer):
     """Steps are pipelined, so the engine learns of a stop one step late: the token computed past it is dropped,
     the neighbour is unaffected, and the slot is free when generate returns."""
