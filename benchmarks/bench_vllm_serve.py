@@ -50,6 +50,7 @@ from benchmarks.provenance import machine_name, provenance  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 TOKENIZER = ROOT / "tests" / "fixtures" / "upstream-minimind" / "minimind2-dense"
 SERVED_NAME = "m"
+FIRST_PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 
 def export_model(shape: str, folder: Path) -> Path:
@@ -179,8 +180,9 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
     log = folder / f"{shape}-{server}.log"
     process = Server(server_command(server, model, args), log, server_url(args))
     try:
-        startup = process.wait_healthy(args.start_timeout)
+        startup = process.wait_healthy(args.start_timeout, poll_s=0.05)
         print(f"{server} ({shape}) healthy after {startup:.1f}s", flush=True)
+        first = first_requests(server_url(args), args.first_requests)
         levels = []
         for concurrency in args.concurrency:
             if args.client == "vllm":
@@ -201,8 +203,22 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
         "model": shape,
         "command": shlex.join(server_command(server, model, args)),
         "startup_s": startup,
+        "first_requests_ttft_ms": first,
         "levels": levels,
     }
+
+
+def first_requests(url: str, count: int) -> list[float]:
+    """TTFT (ms) of the first `count` requests after /health turned 200, before any load: one after another, each
+    on a new connection (so several API processes each get theirs), a short greedy completion of 8 tokens. `vllm
+    bench serve` leaves its own first request (a test run) out of its figures; these say what a user's first
+    message meets."""
+    from benchmarks.bench_first_request import first_token_ms  # imports this module: import it late
+
+    ttfts = [round(first_token_ms(url, FIRST_PROMPT, 8), 2) for _ in range(count)]
+    if ttfts:
+        print(f"first {count} requests after start: TTFT {ttfts} ms", flush=True)
+    return ttfts
 
 
 def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
@@ -294,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--client", choices=["vllm", "builtin"], default="vllm", help="load client (see above)")
     parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument(
+        "--first-requests", type=int, default=4, help="requests timed right after start-up, each on a new connection"
+    )
     parser.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to be healthy")
     parser.add_argument("--workdir", type=Path, help="exported models and raw results (default: a temp folder)")
     parser.add_argument("--machine", help="machine description to record (default: detected GPU/CPU)")
