@@ -213,8 +213,9 @@ def first_requests(url: str, count: int) -> list[float]:
     on a new connection (so several API processes each get theirs), a short greedy completion of 8 tokens. `vllm
     bench serve` leaves its own first request (a test run) out of its figures; these say what a user's first
     message meets."""
-    from benchmarks.bench_first_request import first_token_ms  # imports this module: import it late
+    from benchmarks.bench_first_request import first_token_ms, warm_client  # imports this module: import late
 
+    warm_client(url)
     ttfts = [round(first_token_ms(url, FIRST_PROMPT, 8), 2) for _ in range(count)]
     if ttfts:
         print(f"first {count} requests after start: TTFT {ttfts} ms", flush=True)
