@@ -5,12 +5,13 @@
         --layouts "--api-server-count 1" "--api-server-count 4" --out benchmarks/results/first-request-h200.json
 
 For each layout (extra `minimind serve` flags): start the server, poll /health every 50 ms, and at its first 200
-make one untimed async GET /health (the client's own first-time cost, see `warm_client`), then send `--requests` streamed completions one after another, each on a new connection (so that with several API
-processes the kernel spreads them over all of them, and each process's first request is among them). Reported per
-layout: every request's TTFT in send order, the first one, the slowest of the first `--first` (one per API
-process, by default 4), and the median of the rest (the steady state). `--model tests-tiny` builds the test
-suite's tiny random model, so the script runs on any machine. JSON only; the figures a user would quote are the
-first-request and steady-state TTFTs.
+make one untimed async GET /health (the client's own first-time cost, see `warm_client`), then send `--requests`
+streamed completions one after another, each on a new connection (so that with several API processes the kernel
+spreads them over all of them, and each process's first request is among them). Reported per layout: every request's
+TTFT in send order, the first one, the slowest of the first `--first` (one per API process, by default 4), and the
+median of the rest (the steady state). `--model tests-tiny` builds the test suite's tiny random model, so the script
+runs on any machine. JSON only;
+the figures a user would quote are the first-request and steady-state TTFTs.
 """
 
 from __future__ import annotations
