@@ -11,8 +11,8 @@ Then it sends itself one short request of each common shape (completions and cha
 own ASGI app, in-process: the middleware stack is built, the routes, request models, SSE framing and the channel to
 the engine each run once. They are left out of /metrics (server/streaming.py WARMING_UP). They were added when
 `vllm bench serve` on an H200 (minimind2-small, `--api-server-count 4`, one stream) saw a median TTFT of 9.6 ms but
-a p99 of 75 ms; with them and the frozen GC heap (engine/warmup.py `freeze_heap`) a later run saw 13.9 and 57.5 ms
-on a slower machine, so some slow request remains that these do not explain (docs/server.md).
+a p99 of 75 ms. That p99 turned out to be the engine's (cuDNN attention planning each new prompt length, see
+engine/model_runner.py); these still take the API process's own first times off the first clients.
 """
 
 from __future__ import annotations
