@@ -10,6 +10,9 @@ and 128 output tokens, --ignore-eos) at every concurrency, stop it. `--vllm` is 
 (`vllm`, or `python3 vllm_cli.py` where vLLM is installed without console scripts); the script never looks for
 it anywhere else.
 
+Each level also records `server_cores`: every server process's CPU over the level, in cores, busiest first (Linux
+/proc). A process near 1.0 (one busy Python thread) is what limits that level; none near it points at the client.
+
 Results: one JSON (every run, each level in bench_serve.py's shape, vLLM's raw result kept beside) and one PNG
 per shape (throughput, TTFT and TPOT against concurrency, one line per server), plus a table of the ratios.
 
@@ -185,15 +188,17 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
         first = first_requests(server_url(args), args.first_requests)
         levels = []
         for concurrency in args.concurrency:
+            cpu_before = session_cpu_seconds(process.proc.pid)
             if args.client == "vllm":
                 level = vllm_level(args, model, concurrency, folder, f"{shape}-{server}")
             else:
                 level = builtin_level(args, concurrency)
+            level["server_cores"] = cores_used(cpu_before, session_cpu_seconds(process.proc.pid), level["duration_s"])
             levels.append(level)
             print(
                 f"{server:>8} {shape:>16} c={concurrency:<4} output {level['output_throughput_tok_s']:.1f} tok/s, "
                 f"TTFT median {level['ttft']['median_ms']:.1f} ms p99 {level['ttft']['p99_ms']:.1f} ms, "
-                f"TPOT median {level['tpot']['median_ms']:.2f} ms",
+                f"TPOT median {level['tpot']['median_ms']:.2f} ms, server processes' cores {level['server_cores']}",
                 flush=True,
             )
     finally:
@@ -206,6 +211,31 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
         "first_requests_ttft_ms": first,
         "levels": levels,
     }
+
+
+def session_cpu_seconds(session: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of each live process of a session, by pid: the server and every process
+    it started (API processes, the engine, vLLM's workers). Linux /proc; an empty dict elsewhere."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[3]) == session:
+            seconds[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def cores_used(before: dict[int, float], after: dict[int, float], duration_s: float | None) -> list[float]:
+    """Each server process's CPU over a level, in cores (CPU seconds / the level's duration), busiest first, idle
+    ones left out. A process near 1.0 is the bottleneck (one Python thread); none near it points at the client.
+    The client's own start-up (imports) falls outside the server's processes, so it does not blur this."""
+    if not duration_s:
+        return []
+    used = ((after[pid] - before.get(pid, 0.0)) / duration_s for pid in after)
+    return sorted((round(c, 2) for c in used if c >= 0.05), reverse=True)
 
 
 def first_requests(url: str, count: int) -> list[float]:

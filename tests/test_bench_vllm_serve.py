@@ -22,4 +22,26 @@ def test_a_builtin_run_records_the_first_requests_and_each_level(tmp_path):
     for level in run["levels"]:
         assert level["completed"] == 2 and level["failed"] == 0
         assert level["total_output_tokens"] == 8 and level["ttft"]["median_ms"] > 0
+        assert level["server_cores"] == sorted(level["server_cores"], reverse=True)
     assert (tmp_path / "run-minimind2-small.png").stat().st_size > 0
+
+
+def test_server_cores_count_every_process_of_the_servers_session():
+    """A process that burns CPU in its own session is found with its CPU seconds, and one outside it is not."""
+    import subprocess
+    import sys
+    import time
+
+    busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", busy], start_new_session=True)
+    try:
+        before = bench_vllm_serve.session_cpu_seconds(proc.pid)
+        assert set(before) == {proc.pid}
+        time.sleep(1.5)
+        after = bench_vllm_serve.session_cpu_seconds(proc.pid)
+        assert after[proc.pid] - before[proc.pid] >= 0.2
+        cores = bench_vllm_serve.cores_used({}, after, 1.0)
+        assert cores == [round(after[proc.pid], 2)] and cores[0] >= 0.4
+    finally:
+        proc.kill()
+        proc.wait()
