@@ -24,15 +24,14 @@ from transformers.cache_utils import DynamicCache
 from engine.host_copy import to_device
 from engine.kv_cache import KVCache
 from engine.paged_cache import PagedKVCache
-from models.model import INCREMENTAL_SDPA_BACKENDS, MiniMindForCausalLM
+from models.model import PLANLESS_SDPA_BACKENDS, MiniMindForCausalLM
 
-# Every forward pass the runner launches or captures leaves cuDNN's attention out. On an H100/H200 SDPA picks
-# cuDNN, which builds an execution plan for each new shape: with `minimind serve` on an H200 (minimind2-small, one
-# stream), every prompt length the server had not seen yet made its prefill step take 50-80 ms instead of 6-10,
-# the whole of the p99 time to first token. Prompt lengths vary per request, so no warm-up covers them; the flash
-# and memory-efficient kernels need no plan. Replayed CUDA graphs keep the kernels chosen at capture, so only
-# eager passes and captures enter this context (12 us each on the 2-core CPU here).
-ENGINE_SDPA_BACKENDS = INCREMENTAL_SDPA_BACKENDS
+# Every forward pass the runner launches or captures leaves cuDNN's attention out (PLANLESS_SDPA_BACKENDS). On an
+# H100/H200 SDPA picks cuDNN, which builds an execution plan for each new shape: with `minimind serve` on an H200
+# (minimind2-small, one stream), every prompt length the server had not seen yet made its prefill step take 50-80 ms
+# instead of 6-10, the whole of the p99 time to first token. Prompt lengths vary per request, so no warm-up covers
+# them; the flash and memory-efficient kernels need no plan. Replayed CUDA graphs keep the kernels chosen at
+# capture, so only eager passes and captures enter this context (12 us each on the 2-core CPU here).
 
 
 class CpuWeightLayouts:
@@ -177,7 +176,7 @@ class ModelRunner:
             lengths=torch.tensor(lengths, device=self.device) if padded else None,
         )
         embeds = self._embeds_with_images(tokens, images) if images and any(x is not None for x in images) else None
-        with sdpa_kernel(ENGINE_SDPA_BACKENDS):
+        with sdpa_kernel(PLANLESS_SDPA_BACKENDS):
             hidden = self.model.model(
                 input_ids=None if embeds is not None else tokens,
                 inputs_embeds=embeds,
@@ -216,7 +215,7 @@ class ModelRunner:
             # position (batch-1 decode) sees every cached key, so it needs no mask.
             index = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
             masked = num_new > 1 or min(starts) != max(starts)
-            with sdpa_kernel(ENGINE_SDPA_BACKENDS):
+            with sdpa_kernel(PLANLESS_SDPA_BACKENDS):
                 return self._forward(tokens, start, index, needed, masked)
         batch = _pick(self.batch_buckets, max(slots) + 1)
         kv_len = _pick(self.len_buckets, needed)
@@ -239,7 +238,8 @@ class ModelRunner:
             logits = fn(*args)
         else:
             if key not in self.graphs:
-                self.graphs[key] = self._capture_or_fall_back(key)
+                with sdpa_kernel(PLANLESS_SDPA_BACKENDS):  # the attention kernels every replay runs are chosen here
+                    self.graphs[key] = self._capture_or_fall_back(key)
             graph, logits = self.graphs[key]
             graph.replay()
         return logits if index is None else logits[index]
@@ -260,12 +260,12 @@ class ModelRunner:
         fn, args = self._step_fn(batch, num_new, kv_len)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), sdpa_kernel(ENGINE_SDPA_BACKENDS):
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), sdpa_kernel(ENGINE_SDPA_BACKENDS):
+        with torch.cuda.graph(graph, pool=self.pool):
             logits = fn(*args)
         self.pool = graph.pool()
         return graph, logits

@@ -33,7 +33,9 @@ from models.fusion import FusableProjections, fuse, unfuse
 CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-INCREMENTAL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# SDPA's backends without cuDNN's, which builds an execution plan for each new shape (tens of ms on an H200): for
+# passes whose shapes keep changing (incremental decoding below; the engine's prefills, engine/model_runner.py).
+PLANLESS_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class EngineKVCache(Protocol):
@@ -159,7 +161,7 @@ class Attention(FusableProjections):
                 # cuDNN attention backend builds an execution plan per new shape: the first generate() over unseen
                 # lengths ran at 16 tok/s instead of 185 on an H200 (benchmarks/results/hf-generate-cold-*.json).
                 # The flash/efficient kernels need no plan, so this path leaves cuDNN out.
-                with sdpa_kernel(INCREMENTAL_SDPA_BACKENDS):
+                with sdpa_kernel(PLANLESS_SDPA_BACKENDS):
                     out = F.scaled_dot_product_attention(
                         q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout, enable_gqa=True
                     )
