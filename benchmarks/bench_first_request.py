@@ -1,31 +1,28 @@
 """Time to first token of the first requests after `minimind serve` turns healthy, against its steady state.
 
     python benchmarks/bench_first_request.py --model tests-tiny --layouts "" "--api-server-count 4"
-    python benchmarks/bench_first_request.py --model DIR --server-args "--compile" \\
+    python benchmarks/bench_first_request.py --model DIR --server-args=--compile \\
         --layouts "--api-server-count 1" "--api-server-count 4" --out benchmarks/results/first-request-h200.json
 
 For each layout (extra `minimind serve` flags): start the server, poll /health every 50 ms, and at its first 200
-make one untimed async GET /health (the client's own first-time cost, see `warm_client`), then send `--requests`
-streamed completions one after another, each on a new connection (so that with several API processes the kernel
-spreads them over all of them, and each process's first request is among them). Reported per layout: every request's
-TTFT in send order, the first one, the slowest of the first `--first` (one per API process, by default 4), and the
-median of the rest (the steady state). `--model tests-tiny` builds the test suite's tiny random model, so the script
-runs on any machine. JSON only;
-the figures a user would quote are the first-request and steady-state TTFTs.
+make one untimed async GET /health (the client's own first-time cost, see bench_serve.py `warm_client`), then send
+`--requests` streamed completions one after another, each on a new connection (so that with several API processes
+the kernel spreads them over all of them, and each process's first request is among them). Reported per layout:
+every request's TTFT in send order, the first one, the slowest of the first `--first` (one per API process, by
+default 4), and the median of the rest (the steady state). `--model tests-tiny` builds the test suite's tiny random
+model, so the script runs on any machine. JSON only; the figures a user would quote are the first-request and
+steady-state TTFTs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shlex
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,33 +34,6 @@ from benchmarks.provenance import machine_name, provenance  # noqa: E402
 SERVED_NAME = "m"
 
 
-def warm_client(base_url: str) -> None:
-    """One untimed async GET /health, so that the client's own first async request (httpx/anyio set-up: 27 ms
-    against 3 ms after it, measured here against a live server) is not counted as the server's. /health is what
-    the start-up polling already asked many times, so the server gains nothing from it."""
-
-    async def get() -> None:
-        async with httpx.AsyncClient(timeout=30) as client:
-            (await client.get(base_url + "/health")).raise_for_status()
-
-    asyncio.run(get())
-
-
-def first_token_ms(base_url: str, prompt: str, max_tokens: int) -> float:
-    """One streamed completion on a fresh connection (a client of its own); milliseconds to its first text."""
-    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    body.update(ignore_eos=True, stream_options={"include_usage": True})
-
-    async def one() -> bench_serve.RequestResult:
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await bench_serve.one_request(client, base_url + "/v1/completions", body, {})
-
-    result = asyncio.run(one())
-    if not result.ok:
-        raise RuntimeError(f"the request failed: {result.error}")
-    return result.ttft * 1e3
-
-
 def measure_layout(model: str, layout: str, args: argparse.Namespace, folder: Path, index: int) -> dict:
     base_url = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "minimind", "serve", "--model", model, "--host", "127.0.0.1"]
@@ -72,8 +42,11 @@ def measure_layout(model: str, layout: str, args: argparse.Namespace, folder: Pa
     server = Server(cmd, folder / f"layout-{index}.log", base_url)
     try:
         healthy_s = server.wait_healthy(args.start_timeout, poll_s=0.05)  # the first request goes right after
-        warm_client(base_url)
-        ttfts = [first_token_ms(base_url, args.prompt, args.max_tokens) for _ in range(args.requests)]
+        bench_serve.warm_client(base_url)
+        ttfts = [
+            bench_serve.first_token_ms(base_url, SERVED_NAME, args.prompt, args.max_tokens)
+            for _ in range(args.requests)
+        ]
     finally:
         server.stop()
     steady = statistics.median(ttfts[args.first :])
@@ -107,7 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tests-tiny", help="model for `minimind serve` (tests-tiny: built here)")
     parser.add_argument("--layouts", nargs="+", default=["", "--api-server-count 4"], help="extra flags per layout")
-    parser.add_argument("--server-args", default="", help="flags for every layout, e.g. '--compile'")
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="flags for every layout, e.g. --server-args=--compile (with '=': a lone flag is read as an option)",
+    )
     parser.add_argument("--requests", type=int, default=24, help="sequential requests after the first 200")
     parser.add_argument("--first", type=int, default=4, help="how many count as first requests (one per process)")
     parser.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog because")

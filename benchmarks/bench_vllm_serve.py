@@ -243,10 +243,8 @@ def first_requests(url: str, count: int) -> list[float]:
     on a new connection (so several API processes each get theirs), a short greedy completion of 8 tokens. `vllm
     bench serve` leaves its own first request (a test run) out of its figures; these say what a user's first
     message meets."""
-    from benchmarks.bench_first_request import first_token_ms, warm_client  # imports this module: import late
-
-    warm_client(url)
-    ttfts = [round(first_token_ms(url, FIRST_PROMPT, 8), 2) for _ in range(count)]
+    bench_serve.warm_client(url)
+    ttfts = [round(bench_serve.first_token_ms(url, SERVED_NAME, FIRST_PROMPT, 8), 2) for _ in range(count)]
     if ttfts:
         print(f"first {count} requests after start: TTFT {ttfts} ms", flush=True)
     return ttfts
@@ -349,7 +347,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--machine", help="machine description to record (default: detected GPU/CPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/vllm-bench-serve-<date>.json)")
     parser.add_argument("--offline", action="store_true", help="also the same workload through the engine alone")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.first_requests < 0:
+        parser.error(
+            f"--first-requests must be 0 or more (0 leaves the first requests untimed), got {args.first_requests}"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

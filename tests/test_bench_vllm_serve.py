@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench_vllm_serve
 
 
@@ -45,3 +47,9 @@ def test_server_cores_count_every_process_of_the_servers_session():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_negative_count_of_first_requests_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_vllm_serve.parse_args(["--first-requests", "-1"])
+    assert "--first-requests must be 0 or more" in capsys.readouterr().err
