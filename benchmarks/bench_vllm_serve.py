@@ -13,6 +13,14 @@ it anywhere else.
 Each level also records `server_cores`: every server process's CPU over the level, in cores, busiest first (Linux
 /proc). A process near 1.0 (one busy Python thread) is what limits that level; none near it points at the client.
 
+`--client-ceiling 1 2` first measures the client itself: the highest level against benchmarks/null_server.py, a
+server that does no work, at 1 and at 2 tokens per SSE event. A server whose figure nears that ceiling is measured
+by the client's limit, not its own; `--stream-interval 2` (both servers accept it) halves the events per token.
+
+`--minimind-args` given more than once runs `minimind serve` once per value (variants, e.g. with and without
+`--stream-interval 2`), each labelled by its flags in the table and the plot; `--offline` takes the engine flags of
+the first.
+
 Results: one JSON (every run, each level in bench_serve.py's shape, vLLM's raw result kept beside) and one PNG
 per shape (throughput, TTFT and TPOT against concurrency, one line per server), plus a table of the ratios.
 
@@ -47,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_serve  # noqa: E402
+from benchmarks.null_server import NullServer  # noqa: E402
 from benchmarks.plots import plot_serve  # noqa: E402
 from benchmarks.provenance import machine_name, provenance  # noqa: E402
 
@@ -83,15 +92,14 @@ def run(cmd: list[str], **kwargs) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)
 
 
-def server_command(server: str, model: Path, args: argparse.Namespace) -> list[str]:
+def server_command(server: str, model: Path, args: argparse.Namespace, extra: str) -> list[str]:
+    """The command line of one server run; `extra` is one of --minimind-args, or --vllm-args."""
     common = ["--port", str(args.port), "--served-model-name", SERVED_NAME]
     if server == "minimind":
         cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--host", "127.0.0.1", *common]
-        return (
-            cmd + ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"] + shlex.split(args.minimind_args)
-        )
+        return cmd + ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"] + shlex.split(extra)
     cmd = [*shlex.split(args.vllm), "serve", str(model), *common, "--max-num-seqs", str(args.max_num_seqs)]
-    return cmd + shlex.split(args.vllm_args)
+    return cmd + shlex.split(extra)
 
 
 class Server:
@@ -126,6 +134,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def client_level(args: argparse.Namespace, model: Path, concurrency: int, folder: Path, name: str) -> dict:
+    """One level through the chosen client."""
+    if args.client == "vllm":
+        return vllm_level(args, model, concurrency, folder, name)
+    return builtin_level(args, concurrency)
 
 
 def vllm_level(args: argparse.Namespace, model: Path, concurrency: int, folder: Path, name: str) -> dict:
@@ -179,9 +194,14 @@ def server_url(args: argparse.Namespace) -> str:
     return f"http://127.0.0.1:{args.port}"
 
 
-def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace, folder: Path) -> dict:
-    log = folder / f"{shape}-{server}.log"
-    process = Server(server_command(server, model, args), log, server_url(args))
+def bench_server(
+    server: str, shape: str, model: Path, args: argparse.Namespace, folder: Path, variant: int = 0
+) -> dict:
+    """One server run (start, first requests, every level, stop); `variant` picks the --minimind-args entry."""
+    extra = args.minimind_args[variant] if server == "minimind" else args.vllm_args
+    name = f"{shape}-{server}" + (f"-{variant}" if variant else "")
+    command = server_command(server, model, args, extra)
+    process = Server(command, folder / f"{name}.log", server_url(args))
     try:
         startup = process.wait_healthy(args.start_timeout, poll_s=0.05)
         print(f"{server} ({shape}) healthy after {startup:.1f}s", flush=True)
@@ -189,10 +209,7 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
         levels = []
         for concurrency in args.concurrency:
             cpu_before = session_cpu_seconds(process.proc.pid)
-            if args.client == "vllm":
-                level = vllm_level(args, model, concurrency, folder, f"{shape}-{server}")
-            else:
-                level = builtin_level(args, concurrency)
+            level = client_level(args, model, concurrency, folder, name)
             level["server_cores"] = cores_used(cpu_before, session_cpu_seconds(process.proc.pid), level["duration_s"])
             levels.append(level)
             print(
@@ -203,14 +220,35 @@ def bench_server(server: str, shape: str, model: Path, args: argparse.Namespace,
             )
     finally:
         process.stop()
-    return {
+    run = {
         "backend": server,
         "model": shape,
-        "command": shlex.join(server_command(server, model, args)),
+        "command": shlex.join(command),
         "startup_s": startup,
         "first_requests_ttft_ms": first,
         "levels": levels,
     }
+    if server == "minimind" and len(args.minimind_args) > 1:
+        run["label"] = f"minimind {extra}".strip()  # tells the variants apart in the table and the plot
+    return run
+
+
+def client_ceiling(args: argparse.Namespace, model: Path, folder: Path) -> list[dict]:
+    """The client against benchmarks/null_server.py at the highest concurrency, once per --client-ceiling value
+    (tokens per event): the output tok/s the client itself tops out at on this machine."""
+    concurrency = max(args.concurrency)
+    levels = []
+    for tokens_per_event in args.client_ceiling:
+        with NullServer(args.port, tokens_per_event):
+            level = client_level(args, model, concurrency, folder, f"null-server-{tokens_per_event}")
+        level["tokens_per_event"] = tokens_per_event
+        levels.append(level)
+        print(
+            f"client ceiling c={concurrency} at {tokens_per_event} token(s) per event: "
+            f"{level['output_throughput_tok_s']:.1f} tok/s",
+            flush=True,
+        )
+    return levels
 
 
 def session_cpu_seconds(session: int) -> dict[int, float]:
@@ -261,7 +299,7 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
 
     flags = argparse.ArgumentParser()
     add_model_arguments(flags)
-    engine_args, _ = flags.parse_known_args(shlex.split(args.minimind_args))  # serve-only flags are left out
+    engine_args, _ = flags.parse_known_args(shlex.split(args.minimind_args[0]))  # serve-only flags are left out
     engine_args.model, engine_args.max_num_seqs = str(model), args.max_num_seqs
     llm = LLM(config=engine_config_from_args(engine_args))
     concurrency = max(args.concurrency)
@@ -280,7 +318,7 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
     return {
         "backend": "offline engine",
         "model": shape,
-        "command": f"engine.llm.LLM.generate, engine flags {shlex.join(shlex.split(args.minimind_args))!r}",
+        "command": f"engine.llm.LLM.generate, engine flags {shlex.join(shlex.split(args.minimind_args[0]))!r}",
         "num_prompts": num_prompts,
         "output_tokens": tokens,
         "duration_s": seconds,
@@ -298,25 +336,27 @@ def offline_shares(runs: list[dict]) -> None:
 
 
 def ratio_table(runs: list[dict]) -> list[str]:
-    """minimind / vllm output throughput per shape and concurrency."""
+    """minimind / vllm output throughput per shape and concurrency (one block per minimind variant), then each
+    minimind level's share of the offline engine."""
     lines = []
-    by_key = {(r["model"], r["backend"]): r for r in runs}
     for shape in dict.fromkeys(r["model"] for r in runs):
-        ours, theirs = by_key.get((shape, "minimind")), by_key.get((shape, "vllm"))
-        if ours is None or theirs is None:
-            continue
-        for mine, other in zip(ours["levels"], theirs["levels"]):
-            a, b = mine["output_throughput_tok_s"], other["output_throughput_tok_s"]
-            lines.append(
-                f"{shape:>16} c={mine['concurrency']:<4} minimind {a:>10.1f} tok/s  vllm {b:>10.1f} tok/s  "
-                f"ratio {a / b if b else float('nan'):.2f}x"
-            )
+        theirs = next((r for r in runs if r["model"] == shape and r["backend"] == "vllm"), None)
+        for ours in (r for r in runs if r["model"] == shape and r["backend"] == "minimind"):
+            if theirs is None:
+                break
+            for mine, other in zip(ours["levels"], theirs["levels"]):
+                a, b = mine["output_throughput_tok_s"], other["output_throughput_tok_s"]
+                lines.append(
+                    f"{shape:>16} c={mine['concurrency']:<4} {ours.get('label', 'minimind')} {a:>10.1f} tok/s  "
+                    f"vllm {b:>10.1f} tok/s  ratio {a / b if b else float('nan'):.2f}x"
+                )
     for run in runs:
         for level in run["levels"] if run["backend"] == "minimind" else []:
             if "share_of_offline" in level:
                 lines.append(
-                    f"{run['model']:>16} c={level['concurrency']:<4} minimind {level['output_throughput_tok_s']:>10.1f}"
-                    f" tok/s = {level['share_of_offline']:.0%} of the offline engine"
+                    f"{run['model']:>16} c={level['concurrency']:<4} {run.get('label', 'minimind')} "
+                    f"{level['output_throughput_tok_s']:>10.1f} tok/s = {level['share_of_offline']:.0%} of the "
+                    "offline engine"
                 )
     return lines
 
@@ -331,7 +371,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (random dataset)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (--ignore-eos)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="both servers' batch size limit")
-    parser.add_argument("--minimind-args", default="", help="extra `minimind serve` flags, e.g. '--compile'")
+    parser.add_argument(
+        "--minimind-args",
+        action="append",
+        help="extra `minimind serve` flags, e.g. '--compile'; given again, each is a run of its own (variants)",
+    )
     parser.add_argument(
         "--vllm-args",
         default="--dtype bfloat16 --gpu-memory-utilization 0.35",
@@ -347,7 +391,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--machine", help="machine description to record (default: detected GPU/CPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/vllm-bench-serve-<date>.json)")
     parser.add_argument("--offline", action="store_true", help="also the same workload through the engine alone")
+    parser.add_argument(
+        "--client-ceiling",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="TOKENS_PER_EVENT",
+        help="first, the client against a server that does no work (benchmarks/null_server.py) at the highest "
+        "concurrency, once per value given (tokens per SSE event, as --stream-interval sends them)",
+    )
     args = parser.parse_args(argv)
+    args.minimind_args = args.minimind_args or [""]
+    if any(n < 1 for n in args.client_ceiling):
+        parser.error(f"--client-ceiling values are tokens per event, 1 or more; got {args.client_ceiling}")
     if args.first_requests < 0:
         parser.error(
             f"--first-requests must be 0 or more (0 leaves the first requests untimed), got {args.first_requests}"
@@ -360,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="minimind-vllm-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
+    ceiling: list[dict] = []
     for shape in args.shapes:
         model = export_model(shape, folder)
+        if args.client_ceiling and not ceiling:
+            ceiling = client_ceiling(args, model, folder)
         for server in args.servers:
-            runs.append(bench_server(server, shape, model, args, folder))
+            variants = range(len(args.minimind_args)) if server == "minimind" else [0]
+            runs.extend(bench_server(server, shape, model, args, folder, variant) for variant in variants)
         if args.offline:
             runs.append(bench_offline(shape, model, args))
     offline_shares(runs)
@@ -375,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": {"name": "random", "input_len": args.input_len, "output_len": args.output_len, "ignore_eos": True},
         "runs": runs,
     }
+    if ceiling:
+        report["client_ceiling"] = ceiling
     out = args.out or RESULTS / f"vllm-bench-serve-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

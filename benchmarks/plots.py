@@ -81,7 +81,7 @@ def plot_serve(records: list[tuple[str, dict]], out: Path) -> dict[str, dict[str
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     drawn = {}
     for _source, record in records:
-        label = f"{record.get('backend', '?')} ({record.get('model', '?')})"
+        label = f"{record.get('label') or record.get('backend', '?')} ({record.get('model', '?')})"
         drawn[label] = serve_series(record)
         for ax, (metric, points) in zip(axes, drawn[label].items()):
             xs, ys = zip(*points)

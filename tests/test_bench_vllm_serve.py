@@ -10,22 +10,57 @@ import pytest
 from benchmarks import bench_vllm_serve
 
 
-def test_a_builtin_run_records_the_first_requests_and_each_level(tmp_path):
+def test_a_builtin_run_records_the_client_ceiling_the_first_requests_and_each_level_of_every_variant(tmp_path):
     out = tmp_path / "run.json"
     args = ["--client", "builtin", "--servers", "minimind", "--shapes", "minimind2-small", "--concurrency", "1", "2"]
     args += ["--num-prompts", "2", "--input-len", "16", "--output-len", "4", "--minimind-args", "--device cpu"]
+    args += ["--minimind-args", "--device cpu --stream-interval 2", "--client-ceiling", "1", "3"]
     args += ["--first-requests", "3", "--port", "8232", "--workdir", str(tmp_path), "--out", str(out)]
     assert bench_vllm_serve.main(args) == 0
-    (run,) = json.loads(out.read_text())["runs"]
-    assert run["backend"] == "minimind" and run["model"] == "minimind2-small"
-    first = run["first_requests_ttft_ms"]
-    assert len(first) == 3 and all(t > 0 for t in first)
-    assert [level["concurrency"] for level in run["levels"]] == [1, 2]
-    for level in run["levels"]:
-        assert level["completed"] == 2 and level["failed"] == 0
-        assert level["total_output_tokens"] == 8 and level["ttft"]["median_ms"] > 0
-        assert level["server_cores"] == sorted(level["server_cores"], reverse=True)
+    report = json.loads(out.read_text())
+    assert [c["tokens_per_event"] for c in report["client_ceiling"]] == [1, 3]
+    for ceiling in report["client_ceiling"]:  # the null server at the highest level: every token counted
+        assert ceiling["concurrency"] == 2 and ceiling["completed"] == 2 and ceiling["total_output_tokens"] == 8
+    plain, coalesced = report["runs"]
+    assert plain["label"] == "minimind --device cpu" and coalesced["label"].endswith("--stream-interval 2")
+    for run in (plain, coalesced):
+        assert run["backend"] == "minimind" and run["model"] == "minimind2-small"
+        first = run["first_requests_ttft_ms"]
+        assert len(first) == 3 and all(t > 0 for t in first)
+        assert [level["concurrency"] for level in run["levels"]] == [1, 2]
+        for level in run["levels"]:
+            assert level["completed"] == 2 and level["failed"] == 0
+            assert level["total_output_tokens"] == 8 and level["ttft"]["median_ms"] > 0
+            assert level["server_cores"] == sorted(level["server_cores"], reverse=True)
+    assert "--stream-interval 2" in coalesced["command"] and "--stream-interval" not in plain["command"]
     assert (tmp_path / "run-minimind2-small.png").stat().st_size > 0
+
+
+def test_the_null_server_streams_max_tokens_in_events_of_the_given_size_on_a_kept_alive_connection():
+    import httpx
+
+    from benchmarks.null_server import NullServer
+
+    with NullServer(8233, tokens_per_event=3, workers=2), httpx.Client(base_url="http://127.0.0.1:8233") as client:
+        assert client.get("/health").status_code == 200
+        for _ in range(2):
+            texts, usage = [], None
+            body = {"prompt": "hi", "max_tokens": 7, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "[DONE]"
+            for data in map(json.loads, lines[:-1]):
+                if data["choices"]:
+                    texts.append(data["choices"][0]["text"])
+                else:
+                    usage = data["usage"]
+            assert texts == [" x x x", " x x x", " x"] and usage["completion_tokens"] == 7
+
+
+def test_a_client_ceiling_below_one_token_per_event_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_vllm_serve.parse_args(["--client-ceiling", "0"])
+    assert "tokens per event, 1 or more" in capsys.readouterr().err
 
 
 def test_server_cores_count_every_process_of_the_servers_session():
