@@ -12,7 +12,7 @@ from typing import Any
 
 from server import settings as settings_mod
 from server.http_server import run_api_server
-from server.listen import bind_port
+from server.listen import bind_port, bind_ports
 from server.settings import Settings
 
 
@@ -72,11 +72,13 @@ def engine_config(settings: Settings) -> Any:
 def serve(settings: Settings) -> None:
     """In-process engine: this process answers HTTP and steps the engine in a thread. Engine process
     (--engine-process, the default on a GPU): the engine steps in a process of its own, and this process, or
-    --api-server-count processes sharing the listening socket, answer HTTP (engine/backends/engine_process.py)."""
-    sock = bind_port(settings.host, settings.port)  # before the imports and the model load: a busy port fails at once
+    --api-server-count processes on the one port (server/listen.py), answer HTTP (engine/backends/engine_process.py)."""
+    # before the imports and the model load: a busy port fails at once
     if not settings_mod.uses_engine_process(settings):
+        sock = bind_port(settings.host, settings.port)
         run_api_server(build_backend(settings), settings, sock)
         return
+    socks = bind_ports(settings.host, settings.port, settings.api_server_count)
     from engine.backends.engine_process import EngineProcess
 
     engine = EngineProcess.start(engine_config(settings), settings.served_model_name, settings.log_level)
@@ -85,11 +87,11 @@ def serve(settings: Settings) -> None:
         if settings.api_server_count == 1:
             from engine.backends.remote import RemoteBackend
 
-            run_api_server(RemoteBackend(engine.address, engine.death, owner=engine), settings, sock)
+            run_api_server(RemoteBackend(engine.address, engine.death, owner=engine), settings, socks[0])
         else:
             from server.processes import run_api_processes
 
-            run_api_processes(settings, sock, engine)
+            run_api_processes(settings, socks, engine)
     finally:
         engine.stop()
 

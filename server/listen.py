@@ -2,12 +2,21 @@
 
 uvicorn would only bind after the (slow) model load and the "serving … at :PORT" line; binding first and
 handing the socket to uvicorn fails fast, and no other process can take the port while the model loads.
+
+Several API processes (--api-server-count) each get a socket of their own on the one port (SO_REUSEPORT), and the
+kernel spreads new connections evenly over them. One shared socket does not spread them: every process's event
+loop wakes on a burst of connections and the first to run accepts all that are queued (asyncio accepts up to
+uvicorn's backlog at a time), so one process ends up with most of the streams and becomes the bottleneck while
+the others idle (seen on an H200 host: one API process at 0.9 of a core, three at 0.5-0.6). This is how nginx's
+`reuseport` and gunicorn's `--reuse-port` spread load too. Elsewhere than Linux, SO_REUSEPORT does not balance
+(on macOS the last socket bound takes every connection), so the processes share one socket there.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 from server.settings import SettingsError
 
@@ -32,3 +41,30 @@ def bind_port(host: str, port: int) -> socket.socket:
             ) from None
         raise SettingsError(f"cannot listen on {host}:{port} ({err.strerror}); check --host and --port") from None
     return sock
+
+
+def bind_ports(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` sockets bound to host:port for `count` API processes (see the module docstring): one socket each
+    on Linux, one socket for all of them elsewhere. A busy port fails as `bind_port` says, including a port that
+    another server holds with SO_REUSEPORT (a socket without the option may not join its group)."""
+    first = bind_port(host, port)
+    if count == 1 or not sys.platform.startswith("linux"):
+        return [first]
+    first.close()  # it proved the port free; the group's sockets all need SO_REUSEPORT from before their bind
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    group = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        for sock in group:
+            sock.close()
+        raise SettingsError(
+            f"cannot listen on {host}:{port} with {count} API processes ({err.strerror}): another process took the "
+            "port meanwhile; start again, or choose another port with --port N"
+        ) from None
+    return group

@@ -1,8 +1,9 @@
 """`--api-server-count N`: N API processes answer HTTP on one port, all fed by the one engine process.
 
-The launching process has bound the port (server/listen.py); each API process gets a duplicate of that listening
-socket and runs uvicorn on it, so the kernel hands each new connection to whichever process accepts first (one
-accept queue, as vLLM and gunicorn share theirs). Every API process talks to the engine over its own ZMQ socket
+The launching process has bound the port (server/listen.py): on Linux one socket per API process, all on the
+port with SO_REUSEPORT, so the kernel spreads new connections evenly over the processes; elsewhere one socket that
+they all accept from. Each API process runs uvicorn on its socket; the launcher closes its own copies once the
+processes hold theirs, so a process that dies takes its socket out of the port's group. Every API process talks to the engine over its own ZMQ socket
 (engine/backends/remote.py) and holds the engine's death pipe.
 
 Signals: the API processes leave the terminal's process group, so Ctrl-C reaches only the launcher; the launcher
@@ -29,8 +30,9 @@ from server.settings import Settings
 log = logging.getLogger("minimind.server")
 
 
-def run_api_processes(settings: Settings, sock: socket.socket, engine: Any) -> None:
-    """Start settings.api_server_count API processes and wait for all of them to exit."""
+def run_api_processes(settings: Settings, socks: list[socket.socket], engine: Any) -> None:
+    """Start settings.api_server_count API processes, process i on socks[i] (or all on the one socket given), and
+    wait for all of them to exit."""
     metrics = tempfile.TemporaryDirectory(prefix="minimind-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics.name  # inherited by the API processes before they import it
     context = multiprocessing.get_context("spawn")
@@ -38,13 +40,15 @@ def run_api_processes(settings: Settings, sock: socket.socket, engine: Any) -> N
     processes = [
         context.Process(
             target=api_process,
-            args=(settings, sock, engine.address, engine.death, index, ready),
+            args=(settings, socks[index % len(socks)], engine.address, engine.death, index, ready),
             name=f"minimind-api-{index}",
         )
         for index in range(settings.api_server_count)
     ]
     for process in processes:
-        process.start()
+        process.start()  # the child has its copy of the socket once start() returns
+    for sock in socks:
+        sock.close()
 
     def forward(sig: int, frame: Any) -> None:
         for process in processes:
@@ -87,7 +91,7 @@ class ReadyCount:
 def api_process(
     settings: Settings, sock: socket.socket, address: str, death: Connection, index: int, ready: ReadyCount
 ) -> None:
-    """One API process: the app around a RemoteBackend, served on the shared socket."""
+    """One API process: the app around a RemoteBackend, served on its socket."""
     os.setpgrp()  # Ctrl-C goes to the launcher, which forwards it once (see the module docstring)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     watch_parent()

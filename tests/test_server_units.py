@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 from fastapi import FastAPI
@@ -291,3 +292,37 @@ def test_fast_encode_gives_the_tokenizers_own_ids():
         for special in (True, False):
             want = tokenizer(text, add_special_tokens=special)["input_ids"]
             assert encode(tokenizer, text, add_special_tokens=special) == want, (text, special)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="one socket per API process on Linux only")
+def test_bind_ports_gives_each_api_process_a_socket_and_refuses_a_port_another_server_holds():
+    import socket
+
+    from server.listen import bind_ports
+    from server.settings import SettingsError
+
+    group = bind_ports("127.0.0.1", free_port(), 3)
+    try:
+        port = group[0].getsockname()[1]
+        assert len(group) == 3 and {s.getsockname()[1] for s in group} == {port}
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in group)
+        for s in group:
+            s.listen()
+        # a second server on the same port, even with SO_REUSEPORT itself, is told the port is taken
+        with pytest.raises(SettingsError, match=f"port {port} on 127.0.0.1 is already in use"):
+            bind_ports("127.0.0.1", port, 3)
+        with pytest.raises(SettingsError, match="already in use"):
+            bind_ports("127.0.0.1", port, 1)
+    finally:
+        for s in group:
+            s.close()
+    (again,) = bind_ports("127.0.0.1", port, 1)  # the port is free again once the group has closed
+    again.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
