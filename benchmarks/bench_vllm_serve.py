@@ -12,6 +12,9 @@ it anywhere else.
 
 Each level also records `server_cores`: every server process's CPU over the level, in cores, busiest first (Linux
 /proc). A process near 1.0 (one busy Python thread) is what limits that level; none near it points at the client.
+(The engine process of `minimind serve` polls without sleeping while it has work: it shows near 1.0 regardless.)
+Minimind levels and the offline run record `engine_steps`, the engine's prefill and decode steps (from /metrics):
+the same requests in more, smaller prefill steps through the server than offline show how arrivals split them.
 
 `--client-ceiling 1 2` first measures the client itself: the highest level against benchmarks/null_server.py, a
 server that does no work, at 1 and at 2 tokens per SSE event. A server whose figure nears that ceiling is measured
@@ -209,13 +212,18 @@ def bench_server(
         levels = []
         for concurrency in args.concurrency:
             cpu_before = session_cpu_seconds(process.proc.pid)
+            steps_before = engine_steps(server_url(args)) if server == "minimind" else {}
             level = client_level(args, model, concurrency, folder, name)
             level["server_cores"] = cores_used(cpu_before, session_cpu_seconds(process.proc.pid), level["duration_s"])
+            if steps_before:
+                steps_after = engine_steps(server_url(args))
+                level["engine_steps"] = {kind: int(steps_after[kind] - steps_before[kind]) for kind in steps_after}
             levels.append(level)
             print(
                 f"{server:>8} {shape:>16} c={concurrency:<4} output {level['output_throughput_tok_s']:.1f} tok/s, "
                 f"TTFT median {level['ttft']['median_ms']:.1f} ms p99 {level['ttft']['p99_ms']:.1f} ms, "
-                f"TPOT median {level['tpot']['median_ms']:.2f} ms, server processes' cores {level['server_cores']}",
+                f"TPOT median {level['tpot']['median_ms']:.2f} ms, server processes' cores {level['server_cores']}"
+                + (f", engine steps {level['engine_steps']}" if "engine_steps" in level else ""),
                 flush=True,
             )
     finally:
@@ -276,6 +284,15 @@ def cores_used(before: dict[int, float], after: dict[int, float], duration_s: fl
     return sorted((round(c, 2) for c in used if c >= 0.05), reverse=True)
 
 
+def engine_steps(url: str) -> dict[str, float]:
+    """The native engine's steps so far by kind (prefill, decode), from the server's /metrics."""
+    steps = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("minimind:engine_steps_total{"):
+            steps[line.split('kind="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return steps
+
+
 def first_requests(url: str, count: int) -> list[float]:
     """TTFT (ms) of the first `count` requests after /health turned 200, before any load: one after another, each
     on a new connection (so several API processes each get theirs), a short greedy completion of 8 tokens. `vllm
@@ -309,11 +326,16 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
     prompts = [[rng.randrange(10, vocab) for _ in range(args.input_len)] for _ in range(num_prompts)]
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0, detokenize=True)
     llm.generate(prompts[: min(8, num_prompts)], params)
+    before = llm.engine.stats()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - started
+    after = llm.engine.stats()
+    steps = {"prefill": after.prefill_steps - before.prefill_steps, "decode": after.decode_steps - before.decode_steps}
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f" offline {shape:>16} {num_prompts} requests: output {tokens / seconds:.1f} tok/s", flush=True)
+    print(
+        f" offline {shape:>16} {num_prompts} requests: output {tokens / seconds:.1f} tok/s, steps {steps}", flush=True
+    )
     del llm
     return {
         "backend": "offline engine",
@@ -323,6 +345,7 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
         "output_tokens": tokens,
         "duration_s": seconds,
         "output_throughput_tok_s": tokens / seconds,
+        "engine_steps": steps,
     }
 
 

@@ -111,6 +111,8 @@ class EngineStats:
     free_slots: int
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (paged KV cache), since start
     prefix_cache_hits: int = 0  # of those, tokens whose keys were found cached
+    prefill_steps: int = 0  # engine steps that computed prompt tokens, since start (native engine)
+    decode_steps: int = 0  # engine steps that decoded the running sequences, since start (native engine)
 
 
 @dataclass

@@ -190,6 +190,9 @@ class EngineCore:
         self._history_seqs: list[Sequence] = []  # live sequences whose sampling reads their output tokens
         self._constrained_seqs: list[Sequence] = []  # live sequences with a structured-outputs grammar
         self.lock = threading.RLock()  # one thread at a time drives the model (engine loop vs. embed)
+        # Steps run, by kind (EngineStats, /metrics): with requests arriving a few at a time, many small prefill
+        # steps where one large one would do show here.
+        self.prefill_steps = self.decode_steps = 0
 
     # ---- requests ---------------------------------------------------------------------------------------------------
 
@@ -246,6 +249,8 @@ class EngineCore:
             free_slots=self.cache.num_free,
             prefix_cache_queries=self.cache.prefix_cache_queries,
             prefix_cache_hits=self.cache.prefix_cache_hits,
+            prefill_steps=self.prefill_steps,
+            decode_steps=self.decode_steps,
         )
 
     def has_work(self) -> bool:
@@ -267,12 +272,15 @@ class EngineCore:
                 seqs = [s for s in seqs if s.max_new_tokens() > s.num_pending]  # not launched past their last token
             launched = None
             if seqs and kind == "prefill":
+                self.prefill_steps += 1
                 seqs, logits = self._prefill(seqs)
                 if seqs:
                     launched = self._sample(seqs, logits, prefill=True)
             elif seqs and self.spec is not None:
+                self.decode_steps += 1
                 deltas += self._speculate(seqs)
             elif seqs:
+                self.decode_steps += 1
                 launched = self._sample(seqs, self._run(seqs, pipelined))
             if pipelined:
                 deltas += self._commit(self._take_pending())

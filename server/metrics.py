@@ -54,6 +54,12 @@ class EngineGauges(Collector):
             counter = CounterMetricFamily(PREFIX + name, documentation, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        steps = CounterMetricFamily(
+            PREFIX + "engine_steps", "Engine steps run, by kind (native engine)", labels=["model_name", "kind"]
+        )
+        steps.add_metric([self.model_name, "prefill"], stats.prefill_steps)
+        steps.add_metric([self.model_name, "decode"], stats.decode_steps)
+        yield steps
 
 
 class ServerMetrics:

@@ -10,18 +10,20 @@ import pytest
 from benchmarks import bench_vllm_serve
 
 
-def test_a_builtin_run_records_the_client_ceiling_the_first_requests_and_each_level_of_every_variant(tmp_path):
+def test_a_builtin_run_records_the_client_ceiling_each_variant_and_the_offline_engine_with_their_steps(tmp_path):
     out = tmp_path / "run.json"
     args = ["--client", "builtin", "--servers", "minimind", "--shapes", "minimind2-small", "--concurrency", "1", "2"]
     args += ["--num-prompts", "2", "--input-len", "16", "--output-len", "4", "--minimind-args", "--device cpu"]
-    args += ["--minimind-args", "--device cpu --stream-interval 2", "--client-ceiling", "1", "3"]
+    args += ["--minimind-args", "--device cpu --stream-interval 2", "--client-ceiling", "1", "3", "--offline"]
     args += ["--first-requests", "3", "--port", "8232", "--workdir", str(tmp_path), "--out", str(out)]
     assert bench_vllm_serve.main(args) == 0
     report = json.loads(out.read_text())
     assert [c["tokens_per_event"] for c in report["client_ceiling"]] == [1, 3]
     for ceiling in report["client_ceiling"]:  # the null server at the highest level: every token counted
         assert ceiling["concurrency"] == 2 and ceiling["completed"] == 2 and ceiling["total_output_tokens"] == 8
-    plain, coalesced = report["runs"]
+    plain, coalesced, offline = report["runs"]
+    # the offline engine gets both prompts at once: one prefill step, then 3 decode steps for the other 3 tokens
+    assert offline["backend"] == "offline engine" and offline["engine_steps"] == {"prefill": 1, "decode": 3}
     assert plain["label"] == "minimind --device cpu" and coalesced["label"].endswith("--stream-interval 2")
     for run in (plain, coalesced):
         assert run["backend"] == "minimind" and run["model"] == "minimind2-small"
@@ -32,6 +34,8 @@ def test_a_builtin_run_records_the_client_ceiling_the_first_requests_and_each_le
             assert level["completed"] == 2 and level["failed"] == 0
             assert level["total_output_tokens"] == 8 and level["ttft"]["median_ms"] > 0
             assert level["server_cores"] == sorted(level["server_cores"], reverse=True)
+            steps = level["engine_steps"]  # two requests of 4 tokens: at least a prefill and 3 decode steps
+            assert steps["prefill"] >= 1 and steps["decode"] >= 3 and 0 < level["share_of_offline"]
     assert "--stream-interval 2" in coalesced["command"] and "--stream-interval" not in plain["command"]
     assert (tmp_path / "run-minimind2-small.png").stat().st_size > 0
 

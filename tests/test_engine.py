@@ -139,6 +139,23 @@ def test_engine_forward_passes_leave_cudnn_attention_out(tokenizer):
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def test_the_engine_counts_its_steps_by_kind(tokenizer):
+    """EngineStats (and /metrics) count prefill and decode steps: prompts given together share one prefill step,
+    prompts that arrive while others decode each cost one of their own."""
+    llm = make_llm(tiny_model(seed=3), tokenizer, max_num_seqs=4)
+    llm.generate(prompts()[:3], greedy(5))  # one prefill step gives each its first token, four decode steps the rest
+    stats = llm.engine.stats()
+    assert (stats.prefill_steps, stats.decode_steps) == (1, 4)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts(seed=4)[:3]):  # one new request after each step
+        engine.add_request(f"late-{i}", prompt, greedy(5))
+        engine.step()
+    while engine.has_work():
+        engine.step()
+    stats = engine.stats()
+    assert stats.prefill_steps == 1 + 3 and stats.decode_steps > 4
+
+
 def test_stop_token_mid_batch_ends_only_that_request(case, tokenizer):
     """Steps are pipelined, so the engine learns of a stop one step late: the token computed past it is dropped,
     the neighbour is unaffected, and the slot is free when generate returns."""
