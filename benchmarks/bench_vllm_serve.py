@@ -29,7 +29,9 @@ per shape (throughput, TTFT and TPOT against concurrency, one line per server), 
 
 `--offline` adds, per shape and after the servers, the same workload through the native engine with no server
 (engine/llm.py `LLM.generate` over as many random prompts as the highest level sends, the engine flags of
-`--minimind-args`): the output tok/s a server could deliver at most, and each minimind level's share of it.
+`--minimind-args`, sampled as the client's requests are: at the server's default temperature for `vllm bench
+serve`, greedy for the builtin client): the output tok/s a server could deliver at most, and each minimind level's
+share of it.
 
 Without vLLM (a CPU machine, to check this script): `--client builtin --servers minimind` measures with
 benchmarks/bench_serve.py's client instead, e.g.
@@ -312,7 +314,6 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
 
     from engine.cli.args import add_model_arguments, engine_config_from_args
     from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
 
     flags = argparse.ArgumentParser()
     add_model_arguments(flags)
@@ -324,7 +325,7 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     vocab = llm.model.config.vocab_size
     prompts = [[rng.randrange(10, vocab) for _ in range(args.input_len)] for _ in range(num_prompts)]
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0, detokenize=True)
+    params = offline_params(args)
     llm.generate(prompts[: min(8, num_prompts)], params)
     before = llm.engine.stats()
     started = time.perf_counter()
@@ -346,7 +347,18 @@ def bench_offline(shape: str, model: Path, args: argparse.Namespace) -> dict:
         "duration_s": seconds,
         "output_throughput_tok_s": tokens / seconds,
         "engine_steps": steps,
+        "temperature": params.temperature,
     }
+
+
+def offline_params(args: argparse.Namespace):
+    """The sampling of the requests the client sends, so that the offline run does the same work: `vllm bench
+    serve` leaves temperature out, and the server samples at its default (1.0, no seed); bench_serve.py asks for
+    greedy (0). Each request: `--output-len` tokens, EOS ignored."""
+    from engine.sampling_params import SamplingParams
+
+    temperature = 0.0 if args.client == "builtin" else SamplingParams().temperature
+    return SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=temperature, detokenize=True)
 
 
 def offline_shares(runs: list[dict]) -> None:

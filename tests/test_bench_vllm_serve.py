@@ -24,6 +24,7 @@ def test_a_builtin_run_records_the_client_ceiling_each_variant_and_the_offline_e
     plain, coalesced, offline = report["runs"]
     # the offline engine gets both prompts at once: one prefill step, then 3 decode steps for the other 3 tokens
     assert offline["backend"] == "offline engine" and offline["engine_steps"] == {"prefill": 1, "decode": 3}
+    assert offline["temperature"] == 0  # the builtin client asks for greedy output, so the offline run does too
     assert plain["label"] == "minimind --device cpu" and coalesced["label"].endswith("--stream-interval 2")
     for run in (plain, coalesced):
         assert run["backend"] == "minimind" and run["model"] == "minimind2-small"
@@ -92,3 +93,12 @@ def test_a_negative_count_of_first_requests_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench_vllm_serve.parse_args(["--first-requests", "-1"])
     assert "--first-requests must be 0 or more" in capsys.readouterr().err
+
+
+def test_the_offline_run_samples_as_the_clients_requests_do():
+    """`vllm bench serve` sends no temperature (the server samples at its default, 1.0); the builtin client asks for
+    greedy output. Compared with a greedy offline run, a sampling server would be measured against less work."""
+    vllm_client = bench_vllm_serve.offline_params(bench_vllm_serve.parse_args(["--output-len", "7"]))
+    builtin = bench_vllm_serve.offline_params(bench_vllm_serve.parse_args(["--client", "builtin"]))
+    assert (vllm_client.temperature, vllm_client.max_tokens, vllm_client.ignore_eos) == (1.0, 7, True)
+    assert builtin.temperature == 0 and builtin.max_tokens == 128
