@@ -91,44 +91,107 @@ class SamplingTensors:
         indices = sample_indices if sample_indices is not None else [0] * len(params)
         if len(indices) != len(params):
             raise ValueError(f"sample_indices has {len(indices)} entries for {len(params)} params")
+        rows = [SamplingRow.of(p, i, vocab_size, eos_token_ids) for p, i in zip(params, indices)]
+        return cls.from_rows(rows, vocab_size, device, all_features=all_features)
 
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return to_device(values, device, dtype)
-
-        stop_lists = [
-            sorted(set(eos_token_ids) | set(p.stop_token_ids)) if not p.ignore_eos else sorted(set(p.stop_token_ids))
-            for p in params
-        ]
-        width = max([len(s) for s in stop_lists] + [1])
-        stop_ids = [s + [vocab_size] * (width - len(s)) for s in stop_lists]
-        num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        host_seeds = torch.tensor([seed_key(row_seed(p.seed, i)) for p, i in zip(params, indices)], dtype=torch.int64)
-        processed = [p.logprobs_mode == "processed" for p in params]
+    @classmethod
+    def from_rows(
+        cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str = "cpu", *, all_features: bool = False
+    ) -> SamplingTensors:
+        """The tensors of rows made once per sequence (engine/sampler.py keeps them, so that a batch that changes
+        every step, as many streams coming and going make it, only restacks them). Three uploads: the numeric
+        controls as one [B, 10] table split on the device, the seeds, the stop ids."""
+        if rows:
+            table = torch.stack([r.values for r in rows])
+        else:
+            table = torch.empty(0, len(ROW_COLUMNS), dtype=torch.float64)
+        on_device = to_device(table, device)
+        column = {name: on_device[:, i] for i, name in enumerate(ROW_COLUMNS)}
+        width = max((len(r.stops) for r in rows), default=0)
+        if width == 0:  # EOS ignored and no stop ids: one column of padding
+            stop_ids = torch.full((len(rows), 1), vocab_size, dtype=torch.int64)
+        else:  # one flat list: a nested one costs torch.tensor several times as much
+            flat = [t for r in rows for t in r.stops + [vocab_size] * (width - len(r.stops))]
+            stop_ids = torch.tensor(flat, dtype=torch.int64).view(len(rows), width)
+        host_seeds = torch.tensor([r.seed for r in rows], dtype=torch.int64)
+        num_logprobs = max((r.logprobs for r in rows if r.logprobs is not None), default=None)
+        neutral = torch.tensor(ROW_NEUTRAL, dtype=torch.float64)
+        neutral[ROW_COLUMNS.index("top_k")] = vocab_size  # top-k over the whole vocabulary does nothing
+        needed = table.ne(neutral).any(dim=0).tolist()  # per column: does any row turn its stage on
+        greedy = table[:, ROW_COLUMNS.index("greedy")]
+        any_processed = needed[ROW_COLUMNS.index("processed")]
         return cls(
-            temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32),
-            greedy=col([p.temperature == 0 for p in params], torch.bool),
-            top_k=col([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], torch.int64),
-            top_p=col([p.top_p for p in params], torch.float32),
-            min_p=col([p.min_p for p in params], torch.float32),
-            repetition_penalty=col([p.repetition_penalty for p in params], torch.float32),
-            presence_penalty=col([p.presence_penalty for p in params], torch.float32),
-            frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
-            min_tokens=col([p.min_tokens for p in params], torch.int64),
-            stop_ids=col(stop_ids, torch.int64),
+            temperature=column["temperature"].float(),
+            greedy=column["greedy"].bool(),
+            top_k=column["top_k"].long(),
+            top_p=column["top_p"].float(),
+            min_p=column["min_p"].float(),
+            repetition_penalty=column["repetition_penalty"].float(),
+            presence_penalty=column["presence_penalty"].float(),
+            frequency_penalty=column["frequency_penalty"].float(),
+            min_tokens=column["min_tokens"].long(),
+            stop_ids=to_device(stop_ids, device),
             seeds=to_device(host_seeds, device),
             host_seeds=host_seeds,
-            do_penalties=all_features
-            or any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params),
-            do_top_k=all_features or any(0 < p.top_k < vocab_size for p in params),
-            do_top_p=all_features or any(p.top_p < 1 for p in params),
-            do_min_p=all_features or any(p.min_p > 0 for p in params),
-            do_min_tokens=all_features or any(p.min_tokens > 0 for p in params),
-            all_greedy=not all_features and all(p.temperature == 0 for p in params),
-            any_greedy=all_features or any(p.temperature == 0 for p in params),
+            do_penalties=all_features or needed[5] or needed[6] or needed[7],  # repetition, presence, frequency
+            do_top_k=all_features or needed[2],
+            do_top_p=all_features or needed[3],
+            do_min_p=all_features or needed[4],
+            do_min_tokens=all_features or needed[8],
+            all_greedy=not all_features and bool(greedy.all()),
+            any_greedy=all_features or needed[1],
             num_logprobs=num_logprobs,
-            processed_logprobs=col(processed, torch.bool) if any(processed) else None,
-            all_processed_logprobs=not all_features and all(processed),
+            processed_logprobs=column["processed"].bool() if any_processed else None,
+            all_processed_logprobs=not all_features and bool(table[:, ROW_COLUMNS.index("processed")].all()),
         )
+
+
+# The numeric controls of a row, in `SamplingRow.values` order, and each one's value when it does nothing (a column
+# that differs from it in any row turns its stage on).
+ROW_COLUMNS = (
+    "temperature",
+    "greedy",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_tokens",
+    "processed",
+)
+ROW_NEUTRAL = (1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # top_k's is the vocabulary size (`from_rows`)
+
+
+@dataclass
+class SamplingRow:
+    """One sequence's sampling controls as plain numbers (see `SamplingTensors.from_rows`)."""
+
+    values: torch.Tensor  # float64 [len(ROW_COLUMNS)], on the host
+    seed: int  # the row's 32-bit key (`seed_key`); an unseeded request draws its seed once, here
+    stops: list[int]  # EOS (unless ignored) and stop_token_ids, sorted
+    logprobs: int | None
+
+    @classmethod
+    def of(
+        cls, p: SamplingParams, index: int, vocab_size: int, eos_token_ids: list[int] | tuple[int, ...] = ()
+    ) -> SamplingRow:
+        top_k = p.top_k if 0 < p.top_k < vocab_size else vocab_size  # the whole vocabulary: off
+        values = (
+            p.temperature if p.temperature > 0 else 1.0,
+            float(p.temperature == 0),
+            top_k,
+            p.top_p,
+            p.min_p,
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+            p.min_tokens,
+            float(p.logprobs_mode == "processed"),
+        )
+        stops = sorted(set(p.stop_token_ids) if p.ignore_eos else set(eos_token_ids) | set(p.stop_token_ids))
+        values = torch.tensor(values, dtype=torch.float64)
+        return cls(values, seed_key(row_seed(p.seed, index)), stops, p.logprobs)
 
 
 @dataclass

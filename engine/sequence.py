@@ -44,6 +44,7 @@ class Sequence:
     num_computed_tokens: int = 0  # prompt tokens whose keys are in the cache (cached prefix + prefilled chunks)
     num_scheduled_tokens: int = 0  # prompt tokens the current prefill step computes for this sequence
     block_hashes: list[int] | None = None  # prefix-cache hashes of the prompt's full blocks (paged cache)
+    sampling_row: Any = None  # engine/sampling.py SamplingRow, made at its first sampling step (engine/sampler.py)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -304,3 +304,30 @@ def test_the_engine_sampler_draws_on_the_host_what_sample_draws_on_the_device(pa
         assert torch.equal(ours.token_ids, expected.token_ids)
         for a, b in [(ours.logprobs, expected.logprobs), (ours.top_logprobs, expected.top_logprobs)]:
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_the_engine_sampler_makes_each_sequences_row_once_and_restacks_rows_when_the_batch_changes():
+    """Many streams coming and going change the batch nearly every step: the sampler keeps each sequence's row (an
+    unseeded one keeps the seed it drew) and only restacks them, into the tensors `from_params` makes."""
+    from engine.sampler import Sampler
+    from engine.sequence import Sequence
+
+    params = [
+        SamplingParams(seed=3, top_k=5),
+        SamplingParams(temperature=0, stop_token_ids=[7, 9]),
+        SamplingParams(),  # unseeded
+        SamplingParams(seed=4, top_p=0.5, min_p=0.1, repetition_penalty=1.2, min_tokens=2, logprobs=1),
+    ]
+    seqs = [Sequence("r", i % 2, [1, 2], p, 100) for i, p in enumerate(params)]
+    sampler = Sampler(V, [0], torch.device("cpu"))
+    first = sampler.tensors(seqs)
+    unseeded_seed = first.seeds[2].item()
+    assert sampler.tensors(seqs[1:]).seeds[1].item() == unseeded_seed  # batch changed: the row, seed and all, kept
+    again = sampler.tensors(seqs)
+    reference = SamplingTensors.from_params(params, V, eos_token_ids=[0], sample_indices=[s.index for s in seqs])
+    for name in ("temperature", "greedy", "top_k", "top_p", "min_p", "repetition_penalty", "min_tokens", "stop_ids"):
+        assert torch.equal(getattr(again, name), getattr(reference, name)), name
+    assert again.seeds[2].item() == unseeded_seed and torch.equal(again.seeds[[0, 3]], reference.seeds[[0, 3]])
+    flags = ("do_penalties", "do_top_k", "do_top_p", "do_min_p", "do_min_tokens", "all_greedy", "any_greedy")
+    assert [getattr(again, f) for f in flags] == [getattr(reference, f) for f in flags] == [True] * 5 + [False, True]
+    assert again.num_logprobs == reference.num_logprobs == 1
