@@ -12,7 +12,7 @@ from typing import Any
 
 from server import settings as settings_mod
 from server.http_server import run_api_server
-from server.listen import bind_port, bind_ports
+from server.listen import bind_ports
 from server.settings import Settings
 
 
@@ -73,12 +73,10 @@ def serve(settings: Settings) -> None:
     """In-process engine: this process answers HTTP and steps the engine in a thread. Engine process
     (--engine-process, the default on a GPU): the engine steps in a process of its own, and this process, or
     --api-server-count processes on the one port (server/listen.py), answer HTTP (engine/backends/engine_process.py)."""
-    # before the imports and the model load: a busy port fails at once
-    if not settings_mod.uses_engine_process(settings):
-        sock = bind_port(settings.host, settings.port)
-        run_api_server(build_backend(settings), settings, sock)
+    socks = bind_ports(settings.host, settings.port, settings.api_server_count)  # before the model load: fail fast
+    if not settings_mod.uses_engine_process(settings):  # (then --api-server-count is 1: settings checks it)
+        run_api_server(build_backend(settings), settings, socks[0])
         return
-    socks = bind_ports(settings.host, settings.port, settings.api_server_count)
     from engine.backends.engine_process import EngineProcess
 
     engine = EngineProcess.start(engine_config(settings), settings.served_model_name, settings.log_level)

@@ -21,11 +21,14 @@ import sys
 from server.settings import SettingsError
 
 
-def bind_port(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port (SO_REUSEADDR, as uvicorn sets it); SettingsError naming the fix if not."""
+def bind_port(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port (SO_REUSEADDR, as uvicorn sets it; SO_REUSEPORT too if asked, for a socket
+    of `bind_ports`' group); SettingsError naming the fix if not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -51,20 +54,12 @@ def bind_ports(host: str, port: int, count: int) -> list[socket.socket]:
     if count == 1 or not sys.platform.startswith("linux"):
         return [first]
     first.close()  # it proved the port free; the group's sockets all need SO_REUSEPORT from before their bind
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    group = []
+    group: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            group.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-    except OSError as err:
+            group.append(bind_port(host, port, reuse_port=True))
+    except SettingsError:  # another process took the port meanwhile: the same sentence as for a busy port
         for sock in group:
             sock.close()
-        raise SettingsError(
-            f"cannot listen on {host}:{port} with {count} API processes ({err.strerror}): another process took the "
-            "port meanwhile; start again, or choose another port with --port N"
-        ) from None
+        raise
     return group

@@ -3,8 +3,8 @@
 The launching process has bound the port (server/listen.py): on Linux one socket per API process, all on the
 port with SO_REUSEPORT, so the kernel spreads new connections evenly over the processes; elsewhere one socket that
 they all accept from. Each API process runs uvicorn on its socket; the launcher closes its own copies once the
-processes hold theirs, so a process that dies takes its socket out of the port's group. Every API process talks to the engine over its own ZMQ socket
-(engine/backends/remote.py) and holds the engine's death pipe.
+processes hold theirs, so a process that dies takes its socket out of the port's group. Every API process talks
+to the engine over its own ZMQ socket (engine/backends/remote.py) and holds the engine's death pipe.
 
 Signals: the API processes leave the terminal's process group, so Ctrl-C reaches only the launcher; the launcher
 forwards SIGTERM/SIGINT to each API process (which then drains, server/drain.py; a second signal stops them at

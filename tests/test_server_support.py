@@ -197,12 +197,14 @@ def tight_server(layout: str = "in-process") -> LiveServer:
     return start_server("--max-num-seqs", "1", "--max-queue", "1", *layout_flags(layout))
 
 
-def metric(server: LiveServer, name: str) -> float:
-    """Sum of a Prometheus metric's samples (all label sets) from /metrics."""
+def metric(server: LiveServer, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples from /metrics: all label sets, or those carrying every one of `labels`
+    (e.g. kind="prefill")."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
     total, found = 0.0, False
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(w in line for w in wanted):
             total += float(line.rsplit(" ", 1)[1])
             found = True
     if not found:

@@ -300,6 +300,7 @@ def test_bind_ports_gives_each_api_process_a_socket_and_refuses_a_port_another_s
 
     from server.listen import bind_ports
     from server.settings import SettingsError
+    from tests.test_server_support import free_port
 
     group = bind_ports("127.0.0.1", free_port(), 3)
     try:
@@ -318,11 +319,3 @@ def test_bind_ports_gives_each_api_process_a_socket_and_refuses_a_port_another_s
             s.close()
     (again,) = bind_ports("127.0.0.1", port, 1)  # the port is free again once the group has closed
     again.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
