@@ -288,10 +288,12 @@ def cores_used(before: dict[int, float], after: dict[int, float], duration_s: fl
 
 def engine_steps(url: str) -> dict[str, float]:
     """The native engine's steps so far by kind (prefill, decode), from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     steps = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("minimind:engine_steps_total{"):
-            steps[line.split('kind="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        if family.name == "minimind:engine_steps":
+            steps.update((s.labels["kind"], s.value) for s in family.samples if s.name.endswith("_total"))
     return steps
 
 

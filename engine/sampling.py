@@ -117,9 +117,8 @@ class SamplingTensors:
         num_logprobs = max((r.logprobs for r in rows if r.logprobs is not None), default=None)
         neutral = torch.tensor(ROW_NEUTRAL, dtype=torch.float64)
         neutral[ROW_COLUMNS.index("top_k")] = vocab_size  # top-k over the whole vocabulary does nothing
-        needed = table.ne(neutral).any(dim=0).tolist()  # per column: does any row turn its stage on
-        greedy = table[:, ROW_COLUMNS.index("greedy")]
-        any_processed = needed[ROW_COLUMNS.index("processed")]
+        needed = dict(zip(ROW_COLUMNS, table.ne(neutral).any(dim=0).tolist()))  # does any row turn the stage on
+        everywhere = dict(zip(ROW_COLUMNS, table.ne(0).all(dim=0).tolist()))  # (for the 0/1 columns) is every row 1
         return cls(
             temperature=column["temperature"].float(),
             greedy=column["greedy"].bool(),
@@ -133,16 +132,19 @@ class SamplingTensors:
             stop_ids=to_device(stop_ids, device),
             seeds=to_device(host_seeds, device),
             host_seeds=host_seeds,
-            do_penalties=all_features or needed[5] or needed[6] or needed[7],  # repetition, presence, frequency
-            do_top_k=all_features or needed[2],
-            do_top_p=all_features or needed[3],
-            do_min_p=all_features or needed[4],
-            do_min_tokens=all_features or needed[8],
-            all_greedy=not all_features and bool(greedy.all()),
-            any_greedy=all_features or needed[1],
+            do_penalties=all_features
+            or needed["repetition_penalty"]
+            or needed["presence_penalty"]
+            or needed["frequency_penalty"],
+            do_top_k=all_features or needed["top_k"],
+            do_top_p=all_features or needed["top_p"],
+            do_min_p=all_features or needed["min_p"],
+            do_min_tokens=all_features or needed["min_tokens"],
+            all_greedy=not all_features and everywhere["greedy"],
+            any_greedy=all_features or needed["greedy"],
             num_logprobs=num_logprobs,
-            processed_logprobs=column["processed"].bool() if any_processed else None,
-            all_processed_logprobs=not all_features and bool(table[:, ROW_COLUMNS.index("processed")].all()),
+            processed_logprobs=column["processed"].bool() if needed["processed"] else None,
+            all_processed_logprobs=not all_features and everywhere["processed"],
         )
 
 
@@ -190,8 +192,7 @@ class SamplingRow:
             float(p.logprobs_mode == "processed"),
         )
         stops = sorted(set(p.stop_token_ids) if p.ignore_eos else set(eos_token_ids) | set(p.stop_token_ids))
-        values = torch.tensor(values, dtype=torch.float64)
-        return cls(values, seed_key(row_seed(p.seed, index)), stops, p.logprobs)
+        return cls(torch.tensor(values, dtype=torch.float64), seed_key(row_seed(p.seed, index)), stops, p.logprobs)
 
 
 @dataclass
