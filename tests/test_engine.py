@@ -5,6 +5,7 @@ and speculative decoding with a draft model (engine and `minimind generate` flag
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -236,6 +237,21 @@ def test_abort_frees_the_slot_at_once(tokenizer):
     assert core.abort("a") == []  # nothing live any more
     core.abort("b")
     assert core.cache.num_free == 2 and not core.has_work()
+
+
+def test_a_sequence_equals_only_itself(tokenizer):
+    """The scheduler takes a finished sequence out of `running` with list.remove. Field-by-field equality (a plain
+    dataclass) compared prompt and output lists against every sequence before it there: about 17 ms of one step
+    when 64 of 256 streams ended together."""
+    llm = make_llm(tiny_model(seed=1, **WIDE), tokenizer, max_num_seqs=2)
+    llm.engine.add_request("a", prompts()[0], greedy(50))
+    llm.engine.step()
+    seq = llm.engine.scheduler.running[0]
+    twin = copy.copy(seq)  # every field equal
+    assert twin != seq and len({seq, twin}) == 2
+    running = [twin, seq]
+    running.remove(seq)
+    assert running[0] is twin and len(running) == 1
 
 
 def test_leaving_a_stream_frees_the_slot(tokenizer):
