@@ -84,8 +84,10 @@ class OutputProcessor:
         return self.delta(seq, [], seq.detok.finish("abort"), None)
 
     def delta(self, seq: Sequence, tokens: list[int], text: str, logprobs) -> CompletionDelta:
-        seq.text += text
-        first = len(seq.output_token_ids) == len(tokens)
+        generated = len(seq.output_token_ids)
+        prompt_logprobs = seq.prompt_logprobs
+        if prompt_logprobs is not None and generated != len(tokens):  # only on the first delta
+            prompt_logprobs = None
         return CompletionDelta(  # positional (CompletionDelta's field order): one per row per step, kwargs cost more
             seq.request_id,
             seq.index,
@@ -96,8 +98,8 @@ class OutputProcessor:
             seq.finish_reason,
             seq.stop_reason,
             len(seq.prompt_token_ids),
-            len(seq.output_token_ids),
-            seq.prompt_logprobs if first else None,
+            generated,
+            prompt_logprobs,
         )
 
     def _token_text(self, token_id: int) -> str:

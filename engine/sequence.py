@@ -39,7 +39,6 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    text: str = ""  # detokenized output so far (what has been emitted)
     detok: Any = None  # per-sequence incremental detokenizer
     num_pending: int = 0  # tokens sampled on the device but not yet collected (pipelined steps)
     matcher: Any = None  # the grammar matcher of a structured-outputs request (engine/structured.py)
@@ -64,6 +63,11 @@ class Sequence:
     @property
     def is_prefilled(self) -> bool:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
+    def text(self) -> str:
+        """The output text emitted so far (all of it once finished); the detokenizer holds it."""
+        return self.detok.output_text if self.detok is not None else ""
 
     @property
     def is_finished(self) -> bool:
