@@ -33,29 +33,19 @@ from benchmarks.provenance import machine_name, provenance  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sampling import SamplerOutput  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from models.config import MiniMindConfig  # noqa: E402
-from models.model import MiniMindForCausalLM  # noqa: E402
 
-TOKENIZER = ROOT / "tests" / "fixtures" / "upstream-minimind" / "minimind3-dense"  # ships with the repository
 PROMPT_LEN = 128
 
 
 def tiny_llm(max_rows: int) -> LLM:
-    """A 2-layer model on the CPU with the real minimind3 tokenizer: the model's size does not enter the figure."""
+    """The test suite's tiny random model (2 layers, tests/conftest.py) on the CPU with the real minimind3
+    tokenizer: the model's size does not enter the figure. A longer context than the tests' lets many steps run."""
     from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
-    config = MiniMindConfig(
-        vocab_size=6400,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=2048,
-    )
-    model = MiniMindForCausalLM(config).eval()
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    from tests.conftest import UPSTREAM_FIXTURES, tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(UPSTREAM_FIXTURES / "minimind3-dense")
+    model = tiny_model(max_position_embeddings=2048)
     return LLM(model, tokenizer=tokenizer, max_num_seqs=max_rows, device="cpu")
 
 
@@ -64,13 +54,14 @@ def time_rows(rows: int, steps: int, repeats: int) -> dict:
     llm = tiny_llm(rows)
     core = llm.engine
     rng = random.Random(0)
+    vocab = llm.model.config.vocab_size
     params = SamplingParams(max_tokens=(steps * (repeats + 1) + 16), ignore_eos=True, temperature=1.0)
     for i in range(rows):
-        core.add_request(f"r{i}", [rng.randrange(10, 6400) for _ in range(PROMPT_LEN)], params, None, None)
+        core.add_request(f"r{i}", [rng.randrange(10, vocab) for _ in range(PROMPT_LEN)], params, None, None)
     while core.scheduler.waiting:
         core.step()
-    logits = torch.zeros(rows, llm.model.config.vocab_size)
-    tokens = torch.randint(10, 6400, (rows,), generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(rows, vocab)
+    tokens = torch.randint(10, vocab, (rows,), generator=torch.Generator().manual_seed(0))
     core.runner.step = lambda slots, ids, starts: logits[: len(slots), None]
     core.sampler = lambda seqs, scores: SamplerOutput(tokens[: len(seqs)].clone())
     for _ in range(steps // 4):
