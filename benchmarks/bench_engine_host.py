@@ -83,13 +83,21 @@ def time_rows(rows: int, steps: int, repeats: int) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 256], help="running sequences per step")
     parser.add_argument("--steps", type=int, default=40, help="decode steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per batch size (best and median kept)")
     parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/engine-host-step-...)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, values in (("--rows", args.rows), ("--steps", [args.steps]), ("--repeats", [args.repeats])):
+        if any(n < 1 for n in values):
+            parser.error(f"{flag} must be 1 or more, got {' '.join(map(str, values))}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     results = []
     for rows in args.rows:
         result = time_rows(rows, args.steps, args.repeats)
