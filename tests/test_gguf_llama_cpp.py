@@ -1,8 +1,8 @@
 """llama.cpp itself (through llama-cpp-python) runs our exported GGUF: its greedy continuation equals our
 engine's for 32 tokens, for a tiny random model and for upstream MiniMind fixtures converted from .pth.
 
-llama-cpp-python is a source build (no wheel for this platform on PyPI); install it with
-`pip install -e ".[gguf-test]"` (see docs/convert.md). Without it these tests are skipped.
+llama-cpp-python is a source build (no wheel for this platform on PyPI): `make gguf-test` builds it into .venv and
+runs this file (CI does). Without it these tests are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.conftest import tiny_model
 from tests.test_loader import randomize
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[gguf-test]'; it builds llama.cpp)"
+    "llama_cpp", reason="llama-cpp-python is not installed (`make gguf-test` builds llama.cpp and runs these tests)"
 )
 
 STEPS = 32
