@@ -1,9 +1,9 @@
 """Writing a dense model as a GGUF file that llama.cpp (and Ollama, LM Studio) runs: weights in llama.cpp's
 tensor names and layout, the BPE tokenizer, the chat template, and rope/norm metadata, with the `gguf` package.
 
-The architecture is the one of llama, qwen3, qwen2 that represents the model exactly (the rules of
-models/export.py). For `llama`, q/k rows are permuted as llama.cpp's convert_hf_to_gguf.py does (llama.cpp
-applies RoPE to interleaved pairs there; Qwen architectures use the halves layout and are written as they are).
+The architecture is the llama.cpp one that computes the model exactly, and the tensors are laid out for it, by
+models/gguf_layout.py: llama, qwen3 or qwen2 for dense models; qwen3moe, llama (Mixtral), ernie4_5-moe or
+qwen2moe for MoE ones.
 
 Quantisation is what `gguf.quants` can compute: f32, f16, q8_0, q4_0 (llama.cpp's K-quants such as q4_k_m are not
 implemented there: write f16 and run llama.cpp's `llama-quantize`). 1-D tensors (norms, biases) stay f32, and a
@@ -23,71 +23,9 @@ import torch
 
 from models.config import MiniMindConfig
 from models.errors import CheckpointError
-from models.export import target_problems
+from models.gguf_layout import add_layer_metadata, gguf_arch, gguf_tensors
 
-GGUF_ARCHS = ("llama", "qwen3", "qwen2")
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
-
-# our key (inside model.layers.N.) -> llama.cpp's (inside blk.N.)
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_arch(config: MiniMindConfig) -> str:
-    """llama, qwen3 or qwen2: the first that represents the model exactly; MoE and others are refused."""
-    problems = {arch: target_problems(config, arch) for arch in GGUF_ARCHS}
-    for arch, found in problems.items():
-        if not found:
-            return arch
-    reasons = "; ".join(f"{arch}: {', '.join(p)}" for arch, p in problems.items())
-    raise CheckpointError(f"GGUF export covers dense Llama/Qwen2/Qwen3 layouts only ({reasons})")
-
-
-def llama_cpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's q/k row order for the llama architecture (convert_hf_to_gguf.py's `permute`)."""
-    return (
-        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-def gguf_tensors(config: MiniMindConfig, state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """Our state_dict under llama.cpp's names, float32, q/k permuted for llama."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        tensor = tensor.detach().float().cpu()
-        if key == "model.embed_tokens.weight":
-            out["token_embd.weight"] = tensor
-        elif key == "model.norm.weight":
-            out["output_norm.weight"] = tensor
-        elif key == "lm_head.weight":
-            if not config.tie_word_embeddings:
-                out["output.weight"] = tensor
-        elif key.startswith("model.layers."):
-            layer, rest = key.removeprefix("model.layers.").split(".", 1)
-            module, kind = rest.rsplit(".", 1)
-            if module not in _LAYER_NAMES:
-                raise CheckpointError(f"{key}: no GGUF tensor for this weight")
-            if arch == "llama" and module == "self_attn.q_proj":
-                tensor = llama_cpp_permute(tensor, config.num_attention_heads)
-            if arch == "llama" and module == "self_attn.k_proj":
-                tensor = llama_cpp_permute(tensor, config.num_key_value_heads)
-            out[f"blk.{layer}.{_LAYER_NAMES[module]}.{kind}"] = tensor
-        else:
-            raise CheckpointError(f"{key}: no GGUF tensor for this weight")
-    return out
 
 
 def write_gguf(
@@ -165,7 +103,7 @@ def _add_model_metadata(writer: Any, config: MiniMindConfig, arch: str, quant: s
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    add_layer_metadata(writer, config, arch)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)

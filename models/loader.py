@@ -230,9 +230,10 @@ def _read_gguf(path: Path) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     """transformers reads the GGUF (dequantising to fp32) into its own model class; we take config and tensors."""
     from transformers import AutoModelForCausalLM
 
+    overrides = _gguf_overrides(path)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, **_gguf_head_dim(path)
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **overrides
         )
     except Exception as err:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({type(err).__name__}: {err})") from err
@@ -241,17 +242,30 @@ def _read_gguf(path: Path) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     return model_config, state_dict_from_hf(state, model_config, str(path))
 
 
-def _gguf_head_dim(path: Path) -> dict[str, int]:
-    """transformers reads a qwen3 GGUF without its attention.key_length (it then assumes head_dim 128)."""
+def _gguf_overrides(path: Path) -> dict[str, int]:
+    """Config fields transformers does not read from a GGUF: a qwen3/qwen3moe file's attention.key_length (it
+    assumes head_dim 128) and a qwen3moe file's expert_feed_forward_length (it assumes 768). A MoE file in
+    llama.cpp's llama (Mixtral) layout is refused here: transformers would read it as a dense llama."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
         arch = reader.fields["general.architecture"].contents()
-        field = reader.fields.get(f"{arch}.attention.key_length")
+        fields = {name: reader.fields.get(f"{arch}.{name}") for name in ("attention.key_length", "expert_count")}
+        fields["expert_feed_forward_length"] = reader.fields.get(f"{arch}.expert_feed_forward_length")
     except Exception:  # an unreadable file is reported by the full read that follows
         return {}
-    return {"head_dim": int(field.contents())} if field is not None and arch == "qwen3" else {}
+    if arch == "llama" and fields["expert_count"] is not None and int(fields["expert_count"].contents()) > 0:
+        raise CheckpointError(
+            f"{path}: a MoE model in llama.cpp's llama (Mixtral) layout, which this loader does not read (it reads "
+            "MoE GGUFs in the qwen3moe layout); load the checkpoint it was converted from instead"
+        )
+    out = {}
+    if arch in ("qwen3", "qwen3moe") and fields["attention.key_length"] is not None:
+        out["head_dim"] = int(fields["attention.key_length"].contents())
+    if arch == "qwen3moe" and fields["expert_feed_forward_length"] is not None:
+        out["moe_intermediate_size"] = int(fields["expert_feed_forward_length"].contents())
+    return out
 
 
 def _read_pth(

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from minimind.cli import main
+from models.convert import convert
 from models.errors import CheckpointError
 from models.loader import load_model
 from tests.conftest import tiny_model
@@ -93,16 +94,86 @@ def test_gguf_metadata_carries_tokenizer_template_and_rope(tmp_path, upstream_fi
     assert field("llama.context_length") == 512 and field("llama.attention.head_count_kv") == 2
 
 
-def test_gguf_refuses_moe_and_unknown_quant(tmp_path, upstream_fixtures, capsys):
-    moe = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    src = save_model_dir(tmp_path / "moe", moe, upstream_fixtures)
+# MoE shapes and the llama.cpp architecture that computes each exactly (models/gguf_layout.py's table).
+MOE_CASES = {
+    "qwen3moe": dict(qk_norm=True, head_dim=32, num_experts_per_tok=2),
+    "llama": dict(num_experts_per_tok=3),
+    "ernie4_5-moe": dict(num_experts_per_tok=2, n_shared_experts=1),
+    "deepseek": dict(num_experts_per_tok=1, n_shared_experts=1),
+    "deepseek-without-shared": dict(num_experts_per_tok=2, norm_topk_prob=False),
+}
+
+
+def tiny_moe(case: str, seed: int = 4):
+    """A random tiny MoE model of MOE_CASES[case] whose weights are exactly float16 (what an f16 GGUF holds)."""
+    model = randomize(
+        tiny_model(use_moe=True, n_routed_experts=4, moe_intermediate_size=64, intermediate_size=96, **MOE_CASES[case]),
+        seed=seed,
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_gguf_takes_the_llama_cpp_architecture_that_computes_it(tmp_path, upstream_fixtures, case):
+    model = tiny_moe(case)
+    out, arch = convert(save_model_dir(tmp_path / "src", model, upstream_fixtures), tmp_path / "m.gguf", "gguf")
+    assert arch == case.removesuffix("-without-shared")
+    reader = gguf.GGUFReader(out)
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (4, 64, 64)  # (experts, out, in), stacked
+    assert shapes["blk.1.ffn_down_exps.weight"] == (4, 64, 64) and shapes["blk.1.ffn_gate_inp.weight"] == (4, 64)
+    assert reader.fields[f"{arch}.expert_count"].contents() == 4
+    assert reader.fields[f"{arch}.expert_used_count"].contents() == model.config.num_experts_per_tok
+    shared = {name: shape for name, shape in shapes.items() if "shexp" in name}
+    if arch == "deepseek":  # it always has a shared expert: ours, or one of zeros that adds exactly 0
+        assert shapes["blk.0.ffn_up_shexp.weight"] == (64, 64)
+        zeros = [t for t in reader.tensors if t.name == "blk.0.ffn_up_shexp.weight"][0]
+        assert (zeros.data == 0).all() == (not model.config.n_shared_experts)
+    else:
+        assert bool(shared) == bool(model.config.n_shared_experts)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        (dict(qk_norm=True, head_dim=32, num_experts_per_tok=1), "renormalises the top-k routing weights"),
+        (dict(qk_norm=True, head_dim=32, num_experts_per_tok=2, n_shared_experts=1), "no shared experts"),
+        (dict(num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True), "q/k/v biases"),
+    ],
+)
+def test_moe_gguf_refuses_what_llama_cpp_would_compute_differently(tmp_path, upstream_fixtures, capsys, fields, reason):
+    """minimind-3-MoE's own shape (q/k norm, top-1 without renormalising) is the first case."""
+    model = tiny_model(use_moe=True, n_routed_experts=4, moe_intermediate_size=32, **fields)
+    src = save_model_dir(tmp_path / "moe", model, upstream_fixtures)
     assert main(["convert", str(src), str(tmp_path / "moe.gguf"), "--to", "gguf"]) == 1
-    assert "GGUF export covers dense Llama/Qwen2/Qwen3 layouts only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no llama.cpp architecture computes this MoE layer exactly" in err and reason in err
+    assert "minimind convert SRC OUT" in err
     assert not (tmp_path / "moe.gguf").exists()
+
+
+def test_qwen3moe_gguf_reads_back_and_a_mixtral_layout_one_is_refused(tmp_path, upstream_fixtures):
+    for case in ("qwen3moe", "llama"):
+        model = tiny_moe(case)
+        out, _ = convert(save_model_dir(tmp_path / case, model, upstream_fixtures), tmp_path / f"{case}.gguf", "gguf")
+        if case == "llama":
+            with pytest.raises(CheckpointError, match=r"llama \(Mixtral\) layout, which this loader does not read"):
+                load_model(out)
+            continue
+        back, _ = load_model(out)
+        assert back.config.moe_intermediate_size == 64 and back.config.head_dim == 32
+        assert (logits(back, IDS) - logits(model, IDS)).abs().max().item() <= 1e-4
+
+
+def test_gguf_refuses_an_unknown_quant(tmp_path):
     from models.gguf_export import write_gguf
 
+    model = tiny_model()
     with pytest.raises(CheckpointError, match="q4_k_m.*llama-quantize"):
-        write_gguf(tmp_path / "x.gguf", moe.config, moe.state_dict(), None, quant="q4_k_m")
+        write_gguf(tmp_path / "x.gguf", model.config, model.state_dict(), None, quant="q4_k_m")
 
 
 @pytest.mark.parametrize("generation", ["minimind2-dense", "minimind3-dense"])

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[*TARGETS, "auto", "gguf", "pth"],
         help="output model type; plain-transformers types load without this project; 'minimind' needs it "
         "installed; 'auto' (default) picks the most compatible plain-transformers type that represents the model; "
-        "'gguf' writes a llama.cpp file (dense llama/qwen2/qwen3 layouts); 'pth' writes upstream MiniMind's "
-        "state_dict (fp16 unless --dtype)",
+        "'gguf' writes a llama.cpp file (dense: llama/qwen2/qwen3; MoE: qwen3moe, llama, ernie4_5-moe or "
+        "deepseek, where one computes it exactly); 'pth' writes upstream MiniMind's state_dict (fp16 unless --dtype)",
     )
     parser.add_argument(
         "--quant",
