@@ -5,9 +5,9 @@ The architecture is the llama.cpp one that computes the model exactly, and the t
 models/gguf_layout.py: llama, qwen3 or qwen2 for dense models; qwen3moe, llama (Mixtral), ernie4_5-moe or
 qwen2moe for MoE ones.
 
-Quantisation is what `gguf.quants` can compute: f32, f16, q8_0, q4_0 (llama.cpp's K-quants such as q4_k_m are not
-implemented there: write f16 and run llama.cpp's `llama-quantize`). 1-D tensors (norms, biases) stay f32, and a
-matrix whose rows are not a multiple of the 32-value block falls back to f16, as in llama.cpp's own converter.
+Quantisation: f32, f16, q8_0 and q4_0 through `gguf.quants`, as llama.cpp's own converter writes them (1-D tensors
+and MoE routers stay f32; a matrix whose rows are not a multiple of the 32-value block falls back to f16); q4_k_m as
+llama-quantize makes it from an f16 file, with the K-quant blocks computed by models/gguf_kquants.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 
 from models.config import MiniMindConfig
 from models.errors import CheckpointError
+from models.gguf_kquants import q4_k_m_type, quantize_q4_k, quantize_q6_k
 from models.gguf_layout import add_layer_metadata, gguf_arch, gguf_tensors
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 
 
 def write_gguf(
@@ -45,7 +46,7 @@ def write_gguf(
         raise CheckpointError(f"{out}: already exists; choose another output file or pass --force to replace it")
     if quant not in QUANTS:
         raise CheckpointError(
-            f"--quant {quant}: not one of {', '.join(QUANTS)} (for K-quants such as q4_k_m, write f16 and run "
+            f"--quant {quant}: not one of {', '.join(QUANTS)} (for other llama.cpp types, write f16 and run "
             "llama.cpp's llama-quantize)"
         )
     if tokenizer is None:
@@ -60,7 +61,7 @@ def write_gguf(
         _add_model_metadata(writer, config, arch, quant)
         _add_tokenizer(writer, tokenizer, config)
         for name, tensor in tensors.items():
-            array, qtype = _encode(tensor.numpy(), quant)
+            array, qtype = _encode(name, tensor.numpy(), quant, config)
             quantised = qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
             writer.add_tensor(name, array, raw_dtype=qtype if quantised else None)
         writer.write_header_to_file()
@@ -74,13 +75,25 @@ def write_gguf(
     return out, arch
 
 
-def _encode(array: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
-    """The array in the file's type: 1-D stays f32; a matrix is quantised when its rows fit the block size."""
+def _encode(name: str, array: np.ndarray, quant: str, config: MiniMindConfig) -> tuple[np.ndarray, Any]:
+    """The array in the file's type. 1-D tensors and MoE routers (ffn_gate_inp) stay f32, as llama.cpp's own
+    converter writes them; for q8_0/q4_0 a matrix whose rows do not fit the 32-value block falls back to f16;
+    q4_k_m gives each matrix the type llama-quantize would (models/gguf_kquants.py)."""
     import gguf
 
     types = gguf.GGMLQuantizationType
-    if array.ndim == 1 or quant == "f32":
+    if array.ndim == 1 or quant == "f32" or name.endswith("ffn_gate_inp.weight"):
         return array.astype(np.float32), types.F32
+    if quant == "q4_k_m":
+        kind = q4_k_m_type(name, array.shape[-1], config.num_hidden_layers, config.tie_word_embeddings)
+        if kind == "Q4_K":
+            return quantize_q4_k(array), types.Q4_K
+        if kind == "Q6_K":
+            return quantize_q6_k(array), types.Q6_K
+        if kind == "F16":
+            return array.astype(np.float16), types.F16
+        qtype = types[kind]
+        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
     qtype = {"f16": types.F16, "q8_0": types.Q8_0, "q4_0": types.Q4_0}[quant]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if qtype == types.F16 or array.shape[-1] % block:
@@ -98,6 +111,7 @@ def _add_model_metadata(writer: Any, config: MiniMindConfig, arch: str, quant: s
             "f16": gguf.LlamaFileType.MOSTLY_F16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
             "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+            "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
         }[quant]
     )
     writer.add_context_length(config.max_position_embeddings)

@@ -172,8 +172,32 @@ def test_gguf_refuses_an_unknown_quant(tmp_path):
     from models.gguf_export import write_gguf
 
     model = tiny_model()
-    with pytest.raises(CheckpointError, match="q4_k_m.*llama-quantize"):
-        write_gguf(tmp_path / "x.gguf", model.config, model.state_dict(), None, quant="q4_k_m")
+    with pytest.raises(CheckpointError, match="q5_k_m: not one of .*q4_k_m.*llama-quantize"):
+        write_gguf(tmp_path / "x.gguf", model.config, model.state_dict(), None, quant="q5_k_m")
+
+
+def test_q4_k_m_reads_back_closer_to_the_source_than_q4_0(tmp_path, upstream_fixtures):
+    """Q4_K blocks (a scale and a minimum per 32 values, fitted by least squares) and Q6_K for the layers
+    llama-quantize favours. Byte equality with llama.cpp's own quantizer: tests/test_gguf_llama_cpp.py."""
+    model = tiny_model(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_key_value_heads=2)
+    src = save_model_dir(tmp_path / "src", model, upstream_fixtures)
+    error = {}
+    for quant in ("q4_0", "q4_k_m"):
+        out = tmp_path / f"{quant}.gguf"
+        assert main(["convert", str(src), str(out), "--to", "gguf", "--quant", quant]) == 0
+        back, _ = load_model(out)
+        error[quant] = (logits(back, IDS) - logits(model, IDS)).abs().max().item()
+    reader = gguf.GGUFReader(tmp_path / "q4_k_m.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert types["token_embd.weight"] == "Q6_K" and types["blk.1.attn_q.weight"] == "Q4_K"
+    assert [types[f"blk.{i}.ffn_down.weight"] for i in range(8)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K"] + [
+        "Q4_K",
+        "Q4_K",
+        "Q6_K",
+        "Q6_K",
+    ]
+    assert 0 < error["q4_k_m"] < error["q4_0"]
 
 
 @pytest.mark.parametrize("generation", ["minimind2-dense", "minimind3-dense"])

@@ -1,6 +1,7 @@
 """llama.cpp itself (through llama-cpp-python) runs our exported GGUF: its greedy continuation equals our
 engine's for 32 tokens, for a tiny random model, for upstream MiniMind fixtures converted from .pth, and for MoE
 models in each llama.cpp architecture the exporter picks (there its logits over the prompt match ours as well).
+`--quant q4_k_m` files equal, byte for byte, what llama.cpp's own quantizer makes of our f16 file.
 
 llama-cpp-python is a source build (no wheel for this platform on PyPI): `make gguf-test` builds it into .venv and
 runs this file (CI does). Without it these tests are skipped, saying so.
@@ -8,6 +9,11 @@ runs this file (CI does). Without it these tests are skipped, saying so.
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -15,6 +21,8 @@ from transformers import AutoTokenizer
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from models.convert import convert
+from models.gguf_kquants import quantize_q4_k, quantize_q6_k
+from models.loader import load_model
 from tests.conftest import tiny_model
 from tests.test_gguf_export import MOE_CASES, save_model_dir, tiny_moe
 from tests.test_loader import randomize
@@ -99,3 +107,93 @@ def test_llama_cpp_runs_our_moe_gguf_as_we_do(tmp_path, upstream_fixtures, case)
         with torch.no_grad():
             other = model(torch.tensor([prompt])).logits[0]
         assert (theirs - other).abs().max().item() > 0.1
+
+
+def ggml_quantize(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """ggml's own quantizer (ggml_quantize_chunk in the libggml-base that llama-cpp-python ships)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = (
+        [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    )
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.zeros((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+    lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], None)
+    return out
+
+
+def test_k_quant_blocks_equal_ggmls_own():
+    rng = np.random.default_rng(0)
+    cases = {
+        "normal": rng.standard_normal((64, 512)) * 0.05,
+        "heavy tails": rng.standard_t(3, (64, 512)) * 0.02,
+        "all zero": np.zeros((4, 256)),
+        "zero groups": np.concatenate([np.zeros((4, 128)), rng.standard_normal((4, 128))], axis=1),
+        "all positive": np.abs(rng.standard_normal((8, 256))),
+        "one spike": np.where(np.arange(256) == 7, 50.0, rng.standard_normal((4, 256)) * 1e-3),
+    }
+    for name, rows in cases.items():
+        rows = rows.astype(np.float32)
+        for ours, qtype in (
+            (quantize_q4_k, gguf.GGMLQuantizationType.Q4_K),
+            (quantize_q6_k, gguf.GGMLQuantizationType.Q6_K),
+        ):
+            assert np.array_equal(ours(rows), ggml_quantize(rows, qtype)), (name, qtype.name)
+
+
+Q4_K_M_SHAPES = {
+    "dense, K-quant rows": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_key_value_heads=2),
+    "dense, untied, rows too short for K-quants": dict(tie_word_embeddings=False, intermediate_size=96),
+    "MoE with a shared expert": dict(
+        hidden_size=256, num_hidden_layers=4, use_moe=True, n_shared_experts=1, moe_intermediate_size=256
+    ),
+}
+
+
+# The types each file holds: the comparison covers each of them.
+Q4_K_M_TYPES = {
+    "dense, K-quant rows": {"F32", "Q4_K", "Q6_K"},
+    "dense, untied, rows too short for K-quants": {"F32", "Q5_0", "Q8_0"},
+    "MoE with a shared expert": {"F32", "Q4_K", "Q6_K"},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(Q4_K_M_SHAPES))
+def test_q4_k_m_file_equals_what_llama_quantize_makes_of_our_f16(tmp_path, upstream_fixtures, shape):
+    """Weights exactly float16, so that both quantize the same values: our one step from the checkpoint against
+    llama.cpp's llama_model_quantize (the library behind llama-quantize) on our f16 file. Same tensor types
+    (Q4_K, Q6_K in the layers it picks, Q5_0/Q8_0/F16 where rows do not fit, routers F32), same bytes."""
+    model = tiny_model(**Q4_K_M_SHAPES[shape])
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    src = save_model_dir(tmp_path / "src", model, upstream_fixtures)
+    f16, _ = convert(src, tmp_path / "f16.gguf", "gguf", quant="f16")
+    ours, _ = convert(src, tmp_path / "ours.gguf", "gguf", quant="q4_k_m")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    their_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(ours_tensors) == sorted(their_tensors)
+    assert {t.tensor_type.name for t in ours_tensors.values()} == Q4_K_M_TYPES[shape]
+    for name, tensor in their_tensors.items():
+        assert ours_tensors[name].tensor_type == tensor.tensor_type, name
+        assert np.array_equal(np.asarray(ours_tensors[name].data), np.asarray(tensor.data)), name
+
+
+def test_llama_cpp_runs_a_q4_k_m_file_as_our_loader_reads_it(tmp_path, upstream_fixtures):
+    """llama.cpp multiplies K-quant blocks with activations it rounds to 8 bits, so its logits are near ours on
+    the same dequantised weights, not equal: within 0.1 here (a Q4_0 file of the same model: about 0.02)."""
+    model = tiny_model(**Q4_K_M_SHAPES["dense, K-quant rows"])
+    src = save_model_dir(tmp_path / "src", model, upstream_fixtures)
+    out, _ = convert(src, tmp_path / "model.gguf", "gguf", quant="q4_k_m")
+    back, _ = load_model(out)
+    prompt = torch.randint(3, 6400, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ours = back(torch.tensor([prompt])).logits[0]
+    theirs = llama_cpp_prompt_logits(out, prompt)
+    assert (theirs - ours).abs().max().item() < 0.1
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))

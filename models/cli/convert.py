@@ -15,6 +15,7 @@ examples:
   minimind convert out/full_sft_512.pth ./minimind2-small-llama --preset minimind2-small --tokenizer ./tok --to llama
   minimind convert ./my-checkpoint ./my-checkpoint-qwen3 --to auto --dtype bf16
   minimind convert ./my-checkpoint ./my-model.gguf --to gguf --quant q8_0   # llama.cpp, Ollama
+  minimind convert ./my-checkpoint ./my-model-q4_k_m.gguf --to gguf --quant q4_k_m
   minimind convert ./my-checkpoint ./full_sft_512.pth --to pth              # upstream MiniMind's scripts
   minimind convert out/sft_vlm_768.pth ./minimind-v --config config.json --vision-encoder ./siglip  # MiniMind-V
 """
@@ -22,6 +23,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from models.export import TARGETS
+    from models.gguf_export import QUANTS
     from models.presets import PRESETS
 
     parser.epilog = EPILOG
@@ -43,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quant",
         default="f16",
-        choices=["f32", "f16", "q8_0", "q4_0"],
-        help="--to gguf: weight type of the matrices (default f16; norms stay f32). K-quants (q4_k_m): write f16 "
-        "and run llama.cpp's llama-quantize",
+        choices=QUANTS,
+        help="--to gguf: weight type of the matrices (default f16; norms stay f32); q4_k_m is llama.cpp's "
+        "Q4_K_M mix, the same bytes llama-quantize makes of the f16 file",
     )
     parser.add_argument(
         "--preset",
