@@ -11,8 +11,10 @@ configuration: output tokens/s over `--prompts` greedy generations of `--new-tok
 the whole call, prompt included; EOS ignored), the share of those tokens equal to the bf16 engine's at the same
 position (free-running: after the first difference the rest usually differs too), the position of the first
 difference, the share of next-token choices equal to bf16's when both read bf16's own text (teacher-forced; engine
-configurations only), and the perplexity of `--ppl-data` (default: README.md, text the model never saw) with its
-difference from bf16's. Greedy agreement is also given against HF fp32: HF's own bf16 there shows how far bf16 and
+configurations only), and, over `--ppl-data` (default: README.md, text the model never saw): the perplexity and its
+difference from bf16's, the mean KL divergence from bf16's next-token distribution and the share of positions whose
+most likely token is bf16's (the two figures llama.cpp's `llama-perplexity --kl-divergence` reports for a
+quantization against its base). Greedy agreement is also given against HF fp32: HF's own bf16 there shows how far bf16 and
 fp32 text drift apart on this model without any quantization.
 
     python benchmarks/bench_cpu_quant.py --threads 2
@@ -102,6 +104,7 @@ def main() -> int:
     seconds.update(llama_seconds)
     reference = outputs[REFERENCE]
     ppl_ids = tokenizer(args.ppl_data.read_text(encoding="utf-8"))["input_ids"] if not args.skip_ppl else None
+    reference_logprobs = score_text(runners[REFERENCE].logits, ppl_ids, args.ppl_window)[1] if ppl_ids else None
     for name, runner in runners.items():
         entry = configs[name] = {**runner.describe(), "tok_s": round(sum(map(len, outputs[name])) / seconds[name], 2)}
         entry["seconds"] = round(seconds[name], 2)
@@ -113,7 +116,8 @@ def main() -> int:
         if isinstance(runner, EngineRunner):
             entry["teacher_forced_agreement_vs_bf16"] = teacher_forced(runner.llm.engine.model, prompt_ids, reference)
         if ppl_ids is not None and hasattr(runner, "logits"):
-            entry["perplexity"] = perplexity(runner.logits, ppl_ids, args.ppl_window)
+            entry["perplexity"], logprobs = score_text(runner.logits, ppl_ids, args.ppl_window)
+            entry.update(distance(logprobs, reference_logprobs))
         print(name, entry, flush=True)
     tmp.cleanup()
     for entry in configs.values():
@@ -203,6 +207,10 @@ class HfRunner:
         kwargs = dict(do_sample=False, max_new_tokens=count, min_new_tokens=count, pad_token_id=0)
         return self.model.generate(torch.tensor([ids]), **kwargs)[0, len(ids) :].tolist()
 
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).logits
+
 
 class LlamaCppRunner:
     def __init__(self, path: Path, threads: int, new_tokens: int):
@@ -272,9 +280,10 @@ def teacher_forced(model, prompt_ids, reference) -> float:
 
 
 @torch.inference_mode()
-def perplexity(logits_of, ids: list[int], window: int) -> float:
-    """exp(mean NLL) over non-overlapping windows (each window's first token is not scored)."""
-    total, count = 0.0, 0
+def score_text(logits_of, ids: list[int], window: int) -> tuple[float, torch.Tensor]:
+    """Perplexity, exp(mean NLL) over non-overlapping windows (each window's first token is not scored), and the
+    next-token log-probabilities at every scored position (float32, positions x vocabulary)."""
+    total, count, parts = 0.0, 0, []
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[start : start + window]])
         if chunk.shape[1] < 2:
@@ -282,12 +291,20 @@ def perplexity(logits_of, ids: list[int], window: int) -> float:
         logprobs = logits_of(chunk)[0, :-1].float().log_softmax(-1)
         total -= logprobs.gather(-1, chunk[0, 1:, None]).sum().item()
         count += chunk.shape[1] - 1
-    return round(math.exp(total / count), 4)
+        parts.append(logprobs)
+    return round(math.exp(total / count), 4), torch.cat(parts)
+
+
+def distance(logprobs: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Mean KL(bf16 || this) per position, and the share of positions whose most likely token is bf16's."""
+    kld = (reference.exp() * (reference - logprobs)).sum(-1)
+    same = (logprobs.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return {"kld_vs_bf16": round(kld.mean().item(), 6), "same_top_vs_bf16": round(same, 4)}
 
 
 def print_table(configs: dict) -> None:
     header = f"{'configuration':32} {'tok/s':>7} {'x HF':>6} {'greedy=bf16':>11} {'=HF fp32':>8} {'forced':>7}"
-    print(header + f" {'ppl':>8} {'d ppl':>7}")
+    print(header + f" {'ppl':>8} {'d ppl':>7} {'KLD':>8} {'same top':>8}")
     for name, e in configs.items():
         row = [
             f"{e['tok_s']:7.2f}",
@@ -297,6 +314,8 @@ def print_table(configs: dict) -> None:
             f"{e.get('teacher_forced_agreement_vs_bf16', float('nan')):7.2%}",
             f"{e.get('perplexity', float('nan')):8.3f}",
             f"{e.get('ppl_delta_vs_bf16', float('nan')):7.3f}",
+            f"{e.get('kld_vs_bf16', float('nan')):8.5f}",
+            f"{e.get('same_top_vs_bf16', float('nan')):8.2%}",
         ]
         print(f"{name:32} " + " ".join(row))
 
