@@ -1,6 +1,7 @@
 """llama.cpp itself (through llama-cpp-python) runs our exported GGUF: its greedy continuation equals our
-engine's for 32 tokens, for a tiny random model, for upstream MiniMind fixtures converted from .pth, and for MoE
-models in each llama.cpp architecture the exporter picks (there its logits over the prompt match ours as well).
+engine's for 32 tokens, for a tiny random model, a tiny model trained here, upstream MiniMind fixtures and a
+MiniMind2-Small-shaped model converted from .pth, and MoE models in each llama.cpp architecture the exporter picks
+(for the last two its logits over the prompt match ours as well).
 `--quant q4_k_m` files equal, byte for byte, what llama.cpp's own quantizer makes of our f16 file.
 
 llama-cpp-python is a source build (no wheel for this platform on PyPI): `make gguf-test` builds it into .venv and
@@ -196,4 +197,54 @@ def test_llama_cpp_runs_a_q4_k_m_file_as_our_loader_reads_it(tmp_path, upstream_
         ours = back(torch.tensor([prompt])).logits[0]
     theirs = llama_cpp_prompt_logits(out, prompt)
     assert (theirs - ours).abs().max().item() < 0.1
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+def test_llama_cpp_continues_a_model_trained_here_as_we_do(tmp_path, upstream_fixtures):
+    """A tiny model trained to memorise three sentences: llama.cpp on its f16 GGUF and our engine both continue a
+    sentence's start with the 32 tokens it learnt."""
+    from tests.test_eval import train_to_memorise
+
+    tokenizer = AutoTokenizer.from_pretrained(str(upstream_fixtures / "minimind2-dense"))
+    texts = [
+        "The river flows past the old stone mill, where the miller grinds wheat into flour every autumn morning "
+        "before the market opens in the square.",
+        "A copper lamp hangs above the harbor door and the sailors light it when the fog rolls in from the sea.",
+        "Maple trees turn red in October and the children collect the leaves to press them between heavy books.",
+    ]
+    model = train_to_memorise(texts, tokenizer, steps=200)
+    src = tmp_path / "trained"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out, _ = convert(src, tmp_path / "trained.gguf", "gguf", quant="f16")
+    ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    prompt, learnt = ids[:6], ids[6 : 6 + STEPS]
+    theirs = llama_cpp_greedy(out, prompt)
+    assert theirs == our_greedy(out, prompt)
+    assert sum(a == b for a, b in zip(theirs, learnt)) >= STEPS * 3 // 4
+
+
+def test_llama_cpp_continues_an_upstream_minimind2_small_pth_as_we_do(tmp_path, upstream_fixtures):
+    """Upstream's MiniMind2-Small shape (512 wide, 8 layers, 8/2 heads, 25.8M): a .pth in upstream's key layout
+    (written by our --to pth, random weights: upstream's released weights are not fetched here), converted with
+    --preset minimind2-small to an f16 GGUF."""
+    from models.config import MiniMindConfig
+    from models.model import MiniMindForCausalLM
+    from models.presets import PRESETS
+
+    config = MiniMindConfig(**PRESETS["minimind2-small"])
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    MiniMindForCausalLM(config).save_pretrained(src)
+    AutoTokenizer.from_pretrained(str(upstream_fixtures / "minimind2-dense")).save_pretrained(src)
+    pth, _ = convert(src, tmp_path / "full_sft_512.pth", "pth")
+    out, arch = convert(pth, tmp_path / "m2s.gguf", "gguf", quant="f16", preset="minimind2-small", tokenizer=src)
+    assert arch == "llama" and config.hidden_size == 512 and config.num_hidden_layers == 8
+    prompt = torch.randint(3, 6400, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert llama_cpp_greedy(out, prompt) == our_greedy(out, prompt)
+    back, _ = load_model(out)
+    with torch.no_grad():
+        ours = back(torch.tensor([prompt])).logits[0]
+    theirs = llama_cpp_prompt_logits(out, prompt)
+    assert (theirs - ours).abs().max().item() < 0.01 * ours.abs().max().item()
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
