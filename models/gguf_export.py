@@ -1,9 +1,9 @@
-"""Writing a dense model as a GGUF file that llama.cpp (and Ollama, LM Studio) runs: weights in llama.cpp's
+"""Writing a model as a GGUF file that llama.cpp (and Ollama, LM Studio) runs: weights in llama.cpp's
 tensor names and layout, the BPE tokenizer, the chat template, and rope/norm metadata, with the `gguf` package.
 
 The architecture is the llama.cpp one that computes the model exactly, and the tensors are laid out for it, by
 models/gguf_layout.py: llama, qwen3 or qwen2 for dense models; qwen3moe, llama (Mixtral), ernie4_5-moe or
-qwen2moe for MoE ones.
+deepseek for MoE ones.
 
 Quantisation: f32, f16, q8_0 and q4_0 through `gguf.quants`, as llama.cpp's own converter writes them (1-D tensors
 and MoE routers stay f32; a matrix whose rows are not a multiple of the 32-value block falls back to f16); q4_k_m as
