@@ -182,10 +182,8 @@ def q4_k_m_type(name: str, row_length: int, n_layers: int, tied_embeddings: bool
     """The type llama-quantize gives a 2-D tensor in a Q4_K_M file (llama-quant.cpp, no importance matrix):
     Q4_K, with Q6_K for the output head (tied embeddings included) and for attn_v and ffn_down in the layers
     `use_more_bits` picks; a row length that is not a multiple of 256 falls back to Q5_0 (Q4_K) or Q8_0 (Q6_K),
-    and one not a multiple of 32 to F16. Routers (ffn_gate_inp) stay F32, as llama.cpp's converter writes them.
+    and one not a multiple of 32 to F16. (MoE routers never get here: the writer keeps them F32.)
     The extra bits llama-quantize gives 8-expert models' attention are not applied."""
-    if name.endswith("ffn_gate_inp.weight"):
-        return "F32"
     match = re.match(r"blk\.(\d+)\.", name)
     layer = int(match.group(1)) if match else -1
     if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):

@@ -251,8 +251,8 @@ def _gguf_overrides(path: Path) -> dict[str, int]:
     try:
         reader = gguf.GGUFReader(path)
         arch = reader.fields["general.architecture"].contents()
-        fields = {name: reader.fields.get(f"{arch}.{name}") for name in ("attention.key_length", "expert_count")}
-        fields["expert_feed_forward_length"] = reader.fields.get(f"{arch}.expert_feed_forward_length")
+        names = ("attention.key_length", "expert_count", "expert_feed_forward_length")
+        fields = {name: reader.fields.get(f"{arch}.{name}") for name in names}
     except Exception:  # an unreadable file is reported by the full read that follows
         return {}
     if arch == "llama" and fields["expert_count"] is not None and int(fields["expert_count"].contents()) > 0:
