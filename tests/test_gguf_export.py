@@ -105,15 +105,11 @@ MOE_CASES = {
 
 
 def tiny_moe(case: str, seed: int = 4):
-    """A random tiny MoE model of MOE_CASES[case] whose weights are exactly float16 (what an f16 GGUF holds)."""
-    model = randomize(
-        tiny_model(use_moe=True, n_routed_experts=4, moe_intermediate_size=64, intermediate_size=96, **MOE_CASES[case]),
-        seed=seed,
+    """A random tiny MoE model of MOE_CASES[case] whose matrices are exactly float16 (what an f16 GGUF holds)."""
+    model = tiny_model(
+        use_moe=True, n_routed_experts=4, moe_intermediate_size=64, intermediate_size=96, **MOE_CASES[case]
     )
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.half().float())
-    return model
+    return rounded(randomize(model, seed=seed), "f16")
 
 
 @pytest.mark.parametrize("case", sorted(MOE_CASES))

@@ -11,6 +11,7 @@ runs this file (CI does). Without it these tests are skipped, saying so.
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import gguf
@@ -25,7 +26,7 @@ from models.convert import convert
 from models.gguf_kquants import quantize_q4_k, quantize_q6_k
 from models.loader import load_model
 from tests.conftest import tiny_model
-from tests.test_gguf_export import MOE_CASES, save_model_dir, tiny_moe
+from tests.test_gguf_export import MOE_CASES, rounded, save_model_dir, tiny_moe
 from tests.test_loader import randomize
 
 llama_cpp = pytest.importorskip(
@@ -110,13 +111,20 @@ def test_llama_cpp_runs_our_moe_gguf_as_we_do(tmp_path, upstream_fixtures, case)
         assert (theirs - other).abs().max().item() > 0.1
 
 
-def ggml_quantize(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """ggml's own quantizer (ggml_quantize_chunk in the libggml-base that llama-cpp-python ships)."""
+@functools.cache
+def ggml_base() -> ctypes.CDLL:
+    """The libggml-base that llama-cpp-python ships, with ggml_quantize_chunk's signature declared (once)."""
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = (
         [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     )
+    return lib
+
+
+def ggml_quantize(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """ggml's own quantizer (ggml_quantize_chunk)."""
+    lib = ggml_base()
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     out = np.zeros((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
@@ -162,13 +170,10 @@ Q4_K_M_TYPES = {
 
 @pytest.mark.parametrize("shape", sorted(Q4_K_M_SHAPES))
 def test_q4_k_m_file_equals_what_llama_quantize_makes_of_our_f16(tmp_path, upstream_fixtures, shape):
-    """Weights exactly float16, so that both quantize the same values: our one step from the checkpoint against
+    """Matrices exactly float16, so that both quantize the same values: our one step from the checkpoint against
     llama.cpp's llama_model_quantize (the library behind llama-quantize) on our f16 file. Same tensor types
     (Q4_K, Q6_K in the layers it picks, Q5_0/Q8_0/F16 where rows do not fit, routers F32), same bytes."""
-    model = tiny_model(**Q4_K_M_SHAPES[shape])
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.half().float())
+    model = rounded(tiny_model(**Q4_K_M_SHAPES[shape]), "f16")
     src = save_model_dir(tmp_path / "src", model, upstream_fixtures)
     f16, _ = convert(src, tmp_path / "f16.gguf", "gguf", quant="f16")
     ours, _ = convert(src, tmp_path / "ours.gguf", "gguf", quant="q4_k_m")
