@@ -104,7 +104,8 @@ def main() -> int:
     seconds.update(llama_seconds)
     reference = outputs[REFERENCE]
     ppl_ids = tokenizer(args.ppl_data.read_text(encoding="utf-8"))["input_ids"] if not args.skip_ppl else None
-    reference_logprobs = score_text(runners[REFERENCE].logits, ppl_ids, args.ppl_window)[1] if ppl_ids else None
+    # bf16's scores are the reference of every other configuration's: computed once, before them
+    reference_score = score_text(runners[REFERENCE].logits, ppl_ids, args.ppl_window) if ppl_ids else None
     for name, runner in runners.items():
         entry = configs[name] = {**runner.describe(), "tok_s": round(sum(map(len, outputs[name])) / seconds[name], 2)}
         entry["seconds"] = round(seconds[name], 2)
@@ -116,8 +117,9 @@ def main() -> int:
         if isinstance(runner, EngineRunner):
             entry["teacher_forced_agreement_vs_bf16"] = teacher_forced(runner.llm.engine.model, prompt_ids, reference)
         if ppl_ids is not None and hasattr(runner, "logits"):
-            entry["perplexity"], logprobs = score_text(runner.logits, ppl_ids, args.ppl_window)
-            entry.update(distance(logprobs, reference_logprobs))
+            score = reference_score if name == REFERENCE else score_text(runner.logits, ppl_ids, args.ppl_window)
+            entry["perplexity"], logprobs = score
+            entry.update(distance(logprobs, reference_score[1]))
         print(name, entry, flush=True)
     tmp.cleanup()
     for entry in configs.values():
